@@ -1,0 +1,1063 @@
+"""MoCo v3 for Vision Transformers, in one file.
+
+Implements "An Empirical Study of Training Self-Supervised Vision Transformers" (Chen, Xie and
+He, ICCV 2021, arXiv:2104.02057): a Vision Transformer with a frozen random patch projection and
+a fixed 2D sin-cos position embedding, the BatchNorm MLP projector and predictor, the momentum
+encoder, the symmetric InfoNCE loss, AdamW with warmup and cosine schedules, and a weighted kNN
+monitor.
+
+    python mocov3.py                                   # classroom run: small ViT, Fashion-MNIST, CPU
+    python mocov3.py --arch vit_small --data DIR       # ViT-S/16 at 224 px on one GPU
+    torchrun --nproc_per_node=8 mocov3.py --arch vit_small --data /path/to/imagenet
+
+`--batch-size` is the global batch over all processes. `python mocov3.py --help` lists every
+option.
+"""
+
+import argparse
+import copy
+import datetime
+import gzip
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from torchvision import datasets, transforms
+from tqdm import tqdm
+
+
+class UsageError(Exception):
+    """Bad input from the user: printed as one line, and the program exits with status 2."""
+
+
+# ---------------------------------------------------------------------------- Vision Transformer
+
+# Table 2 of the paper. ViT-S uses 12 heads (64 dims each) as in the paper, where DeiT-S uses 6.
+# The `vit_*_cpu` presets are ours: small enough to train on 28-32 px images on a laptop CPU.
+ARCHS = {
+    "vit_small": dict(patch_size=16, dim=384, depth=12, heads=12, image_size=224),
+    "vit_base": dict(patch_size=16, dim=768, depth=12, heads=12, image_size=224),
+    "vit_large": dict(patch_size=16, dim=1024, depth=24, heads=16, image_size=224),
+    "vit_huge": dict(patch_size=14, dim=1280, depth=32, heads=16, image_size=224),
+    "vit_tiny_cpu": dict(patch_size=4, dim=192, depth=6, heads=6, image_size=28),
+    "vit_nano_cpu": dict(patch_size=4, dim=128, depth=4, heads=4, image_size=28),
+}
+
+
+def sincos_position_embedding(grid_h, grid_w, dim, temperature=10000.0):
+    """Return the fixed 2D sin-cos position embedding, shape (grid_h * grid_w, dim).
+
+    A quarter of the channels encode the row with sin, a quarter with cos, and the other half the
+    column, at frequencies 1 / temperature^(i / (dim/4)) as in the Transformer. Rows and columns
+    are handled separately, so the embedding is right for non-square grids too.
+    """
+    if dim % 4 != 0:
+        raise UsageError(f"width {dim} is not divisible by 4, which the 2D sin-cos position "
+                         "embedding needs (sin and cos for rows and columns); choose another --dim")
+    rows, cols = torch.meshgrid(torch.arange(grid_h, dtype=torch.float64),
+                                torch.arange(grid_w, dtype=torch.float64), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows = rows.flatten()[:, None] * omega[None, :]  # (N, dim/4)
+    cols = cols.flatten()[:, None] * omega[None, :]  # (N, dim/4)
+    emb = torch.cat([cols.sin(), cols.cos(), rows.sin(), rows.cos()], dim=1)  # (N, dim)
+    return emb.float()
+
+
+class PatchEmbed(nn.Module):
+    """Cut an image into non-overlapping P x P patches and project each to width D."""
+
+    def __init__(self, patch_size, dim):
+        super().__init__()
+        self.patch_size = patch_size
+        # Weight (D, 3*P*P) in (channel, row, column) order, the same memory layout as a
+        # (D, 3, P, P) convolution, so timm and official checkpoints convert by a reshape.
+        self.proj = nn.Linear(3 * patch_size * patch_size, dim)
+
+    def forward(self, x):
+        p = self.patch_size
+        x = rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)  # (B, N, 3PP)
+        return self.proj(x)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a bias on q, k and v."""
+
+    def __init__(self, dim, heads):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        qkv = self.qkv(x)  # (B, N, 3D)
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, D/h)
+        x = rearrange(x, "b h n d -> b n (h d)")
+        return self.proj(x)
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block: x + attention(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim, heads, mlp_ratio=4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("fc1", nn.Linear(dim, mlp_ratio * dim))
+        self.mlp.add_module("act", nn.GELU())
+        self.mlp.add_module("fc2", nn.Linear(mlp_ratio * dim, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionTransformer(nn.Module):
+    """ViT whose representation is the final [CLS] token; `head` maps it onwards.
+
+    Module names follow timm's VisionTransformer (patch_embed.proj, cls_token, pos_embed,
+    blocks.i.attn.qkv, norm, head), which the official MoCo v3 checkpoints also use.
+    """
+
+    def __init__(self, image_size=224, patch_size=16, dim=384, depth=12, heads=12,
+                 mlp_ratio=4, learnable_patch_embed=False):
+        super().__init__()
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        if height % patch_size or width % patch_size:
+            raise UsageError(f"image size {height}x{width} is not divisible by the patch size "
+                             f"{patch_size}; choose an --image-size that is a multiple of it")
+        if dim % heads:
+            raise UsageError(f"width {dim} is not divisible by the number of heads {heads}")
+        self.image_size, self.patch_size, self.dim = (height, width), patch_size, dim
+        self.grid = (height // patch_size, width // patch_size)
+
+        self.patch_embed = PatchEmbed(patch_size, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        # Fixed position embedding, a buffer so that no optimizer can touch it. The [CLS] token
+        # gets a zero position embedding.
+        pos = sincos_position_embedding(*self.grid, dim)  # (N, D)
+        self.register_buffer("pos_embed", torch.cat([torch.zeros(1, dim), pos])[None])
+        self.blocks = nn.Sequential(*[Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Identity()
+        self.reset_parameters()
+
+        # The paper's random patch projection (Section 4.2): freezing it after random
+        # initialisation removes the loss spikes that come from sudden changes of the first
+        # layer's gradient, and costs no accuracy.
+        self.patch_embed.requires_grad_(learnable_patch_embed)
+
+    def reset_parameters(self):
+        """Initialise as the official MoCo v3 ViT: xavier-uniform weights, zero biases."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if name.endswith("qkv"):
+                    # q, k and v are three (D, D) matrices, so the fan is D + D, not D + 3D.
+                    bound = math.sqrt(6.0 / (module.weight.shape[0] // 3 + module.weight.shape[1]))
+                    nn.init.uniform_(module.weight, -bound, bound)
+                else:
+                    # For the patch projection the fans are 3*P*P and D, as for a convolution.
+                    nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward_features(self, x):
+        """Map images (B, 3, H, W) to the normalised [CLS] token (B, D)."""
+        x = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, N, D)
+        cls = self.cls_token + self.pos_embed[:, :1]  # (1, 1, D)
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
+        x = self.blocks(x)
+        return self.norm(x[:, 0])  # (B, D); LayerNorm is per token, so [CLS] alone suffices
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+def create_vit(arch, **overrides):
+    """Build a preset from ARCHS, with any of its fields (or `learnable_patch_embed`) overridden."""
+    if arch not in ARCHS:
+        raise UsageError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    config = {**ARCHS[arch], **overrides}
+    return VisionTransformer(**config)
+
+
+# ------------------------------------------------------------------------------ heads and loss
+
+class BatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are over the global batch of all processes.
+
+    The paper's implementation normalises the projector and predictor over the whole batch
+    (SyncBatchNorm). PyTorch's SyncBatchNorm runs only on GPUs, so this one is built from
+    differentiable all-reduces and runs on gloo (CPU) and NCCL alike. In a single process it is
+    the ordinary BatchNorm1d.
+    """
+
+    def forward(self, x):
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        x32 = x.float()  # statistics in fp32 under autocast
+        count = torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)
+        count = dist_nn.all_reduce(count)
+        mean = dist_nn.all_reduce(x32.sum(0)) / count  # (C,)
+        var = dist_nn.all_reduce(((x32 - mean) ** 2).sum(0)) / count  # biased, as BatchNorm
+        if self.track_running_stats:
+            with torch.no_grad():
+                unbiased = var * count / (count - 1)
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(unbiased, self.momentum)
+                self.num_batches_tracked += 1
+        y = (x32 - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        return y.to(x.dtype)
+
+
+def build_mlp(num_layers, in_dim, hidden_dim, out_dim):
+    """Build the MoCo v3 MLP: Linear (no bias), then BN and ReLU, except after the last Linear.
+
+    The last layer ends in a BatchNorm without affine parameters, as in SimCLR v2 with the
+    learnable scale removed: the loss normalises the output anyway, so a scale would be idle.
+    """
+    layers = []
+    for i in range(num_layers):
+        d_in = in_dim if i == 0 else hidden_dim
+        d_out = out_dim if i == num_layers - 1 else hidden_dim
+        layers.append(nn.Linear(d_in, d_out, bias=False))
+        if i < num_layers - 1:
+            layers += [BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        else:
+            layers.append(BatchNorm1d(d_out, affine=False))
+    return nn.Sequential(*layers)
+
+
+def world_info():
+    """Return (rank, world size); (0, 1) without a process group."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def gather_keys(k):
+    """Concatenate k from every process in rank order: (N, C) -> (N * world, C), no gradient."""
+    _, world = world_info()
+    if world == 1:
+        return k
+    parts = [torch.empty_like(k) for _ in range(world)]
+    dist.all_gather(parts, k.contiguous())
+    return torch.cat(parts)
+
+
+def contrastive_loss(q, k, temperature):
+    """InfoNCE loss of Equation 1, times 2T; q (N, C) from this process, k (N, C) momentum keys.
+
+    The negatives of each query are the keys of every other image in the global batch, so keys
+    are gathered from all processes. This process's N queries are rows N*rank .. N*rank + N - 1
+    of the global batch, which is where their positive keys sit in the gathered keys.
+    """
+    rank, _ = world_info()
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(gather_keys(k.float()), dim=1)  # (N * world, C)
+    logits = q @ k.T / temperature  # (N, N * world)
+    labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
+    # Why 2T: the cross-entropy is -q.k+ / T + log sum_j exp(q.k_j / T). Times 2T, the positive
+    # term becomes -2 q.k+, whose gradient is that of BYOL's loss 2 - 2 q.k+, and the scale of
+    # the gradient no longer grows as 1/T when T is lowered.
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+class MoCo(nn.Module):
+    """MoCo v3: base encoder f_q with projector, predictor, and momentum encoder f_k."""
+
+    def __init__(self, base_encoder, dim=256, mlp_dim=4096, temperature=0.2):
+        super().__init__()
+        self.temperature = temperature
+        width = base_encoder.dim
+        self.base_encoder = base_encoder
+        self.base_encoder.head = build_mlp(3, width, mlp_dim, dim)  # projector
+        self.predictor = build_mlp(2, dim, mlp_dim, dim)
+
+        # The momentum encoder starts as a copy and only ever moves by the moving average.
+        self.momentum_encoder = copy.deepcopy(self.base_encoder)
+        self.momentum_encoder.requires_grad_(False)
+
+    @torch.no_grad()
+    def update_momentum_encoder(self, m):
+        """theta_k <- m * theta_k + (1 - m) * theta_q, in one fused update over all tensors."""
+        base = list(self.base_encoder.parameters())
+        momentum = list(self.momentum_encoder.parameters())
+        torch._foreach_lerp_(momentum, base, 1.0 - m)
+
+    def forward(self, x1, x2, m):
+        """Return the symmetric loss ctr(q1, k2) + ctr(q2, k1) for two views (B, 3, H, W)."""
+        batch = x1.shape[0]
+        # Both views pass the backbone as one batch (every backbone layer is per image), while
+        # the heads see each view alone, so BatchNorm statistics are per view as in Algorithm 1.
+        f1, f2 = self.base_encoder.forward_features(torch.cat([x1, x2])).split(batch)
+        q1 = self.predictor(self.base_encoder.head(f1))  # (B, dim)
+        q2 = self.predictor(self.base_encoder.head(f2))
+
+        with torch.no_grad():
+            self.update_momentum_encoder(m)
+            g1, g2 = self.momentum_encoder.forward_features(torch.cat([x1, x2])).split(batch)
+            k1 = self.momentum_encoder.head(g1)  # (B, dim)
+            k2 = self.momentum_encoder.head(g2)
+
+        return (contrastive_loss(q1, k2, self.temperature)
+                + contrastive_loss(q2, k1, self.temperature))
+
+
+# ---------------------------------------------------------------------------------------- data
+
+# Per-channel mean and std used to normalise each dataset's images.
+NORMALIZATION = {
+    "fashion-mnist": ((0.2860,) * 3, (0.3530,) * 3),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "folder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # ImageNet's
+}
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+class ArrayDataset(torch.utils.data.Dataset):
+    """Images held in memory as uint8 (N, H, W) or (N, H, W, 3), returned as RGB PIL images."""
+
+    def __init__(self, images, labels, transform=None):
+        self.images, self.targets, self.transform = images, list(map(int, labels)), transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        from PIL import Image
+        image = Image.fromarray(self.images[index].numpy()).convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.targets[index]
+
+
+def read_idx(path):
+    """Read an IDX file (plain or gzipped) of the MNIST family into a uint8 tensor."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+def find_idx_file(folder, name):
+    for candidate in (folder / name, folder / (name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_fashion_mnist(root):
+    """Return {"train", "test"}: ArrayDataset, from --data-root, Debian's package or a download."""
+    folders = [root / "FashionMNIST" / "raw", root / "fashion-mnist", root, DEBIAN_FASHION_MNIST]
+    for folder in folders:
+        files = {split: [find_idx_file(folder, n) for n in names]
+                 for split, names in FASHION_MNIST_FILES.items()}
+        if all(all(pair) for pair in files.values()):
+            return {split: ArrayDataset(read_idx(images), read_idx(labels))
+                    for split, (images, labels) in files.items()}
+    try:
+        splits = {split: datasets.FashionMNIST(root, train=(split == "train"), download=True)
+                  for split in ("train", "test")}
+    except Exception as error:  # torchvision raises several kinds when offline
+        raise UsageError(
+            f"Fashion-MNIST not found and its download failed ({error}). Get it one of three ways:"
+            f" put the IDX files under {root / 'FashionMNIST' / 'raw'} (--data-root);"
+            f" 'apt-get install dataset-fashion-mnist', which installs {DEBIAN_FASHION_MNIST};"
+            " or run again with network access so that torchvision downloads it") from None
+    return {split: ArrayDataset(ds.data, ds.targets) for split, ds in splits.items()}
+
+
+def load_cifar(name, root):
+    """Return {"train", "test"}: ArrayDataset for CIFAR-10 or CIFAR-100 through torchvision."""
+    cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+    try:
+        splits = {split: cls(root, train=(split == "train"), download=True)
+                  for split in ("train", "test")}
+    except Exception as error:
+        raise UsageError(f"{name} not found under --data-root {root} and its download failed "
+                         f"({error}); run once with network access or pass --data-root") from None
+    return {split: ArrayDataset(torch.from_numpy(ds.data), ds.targets)
+            for split, ds in splits.items()}
+
+
+def load_image_folder(path):
+    """Return {"train", "test" if present}: ImageFolder datasets from an ImageFolder layout."""
+    if not path.is_dir():
+        raise UsageError(f"--data {path}: no such folder; pass an ImageFolder folder or one of "
+                         "fashion-mnist, cifar10, cifar100")
+    train_dir = path / "train" if (path / "train").is_dir() else path
+    splits = {"train": train_dir}
+    for name in ("val", "test"):
+        if train_dir != path and (path / name).is_dir():
+            splits["test"] = path / name
+            break
+    loaded = {}
+    for split, folder in splits.items():
+        try:
+            loaded[split] = datasets.ImageFolder(folder)
+        except (FileNotFoundError, RuntimeError) as error:
+            raise UsageError(f"--data {folder}: {error}; an ImageFolder folder holds one "
+                             "subfolder of images per class") from None
+    return loaded
+
+
+def load_datasets(args):
+    """Return ({"train", maybe "test"}: datasets of PIL images, normalisation key)."""
+    root = Path(args.data_root)
+    if args.data == "fashion-mnist":
+        return load_fashion_mnist(root), "fashion-mnist"
+    if args.data in ("cifar10", "cifar100"):
+        return load_cifar(args.data, root), args.data
+    return load_image_folder(Path(args.data)), "folder"
+
+
+def pretrain_transforms(image_size, crop_min, normalization):
+    """The two view augmentations of BYOL, which MoCo v3 uses: (first view, second view).
+
+    The blur kernel is 23 px at 224 px in BYOL, about a tenth of the image, so it and the blur's
+    sigma range (0.1 to 2.0 px at 224 px) scale with the image size here.
+    """
+    scale = image_size / 224
+    kernel = max(3, int(round(23 * scale)) | 1)  # odd, at least 3
+    sigma = (0.1 * scale, 2.0 * scale)
+
+    def view(blur_p, solarize_p):
+        return transforms.Compose([
+            transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.0)),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([transforms.GaussianBlur(kernel, sigma)], p=blur_p),
+            transforms.RandomSolarize(threshold=128, p=solarize_p),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(*normalization),
+        ])
+
+    return view(1.0, 0.0), view(0.1, 0.2)
+
+
+def eval_transform(image_size, normalization, resize_crop):
+    """Deterministic transform for evaluation: resize (and centre-crop at 224 px), normalise."""
+    steps = [transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size)] \
+        if resize_crop else [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(*normalization)])
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """Item i is two augmented views (x1, x2) of image i of `dataset`.
+
+    The random draws for image i in epoch e are seeded from (seed, e, i) alone. So augmentations
+    differ across images, epochs and seeds, yet do not depend on the number of processes or
+    DataLoader workers, and a resumed run sees the same views as an uninterrupted one.
+    """
+
+    def __init__(self, dataset, view1, view2, seed):
+        self.dataset, self.view1, self.view2, self.seed = dataset, view1, view2, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        image, _ = self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+            return self.view1(image), self.view2(image)
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that can start an epoch after its first `start_step` batches."""
+
+    def __init__(self, dataset, batch_per_rank, rank, world, seed):
+        super().__init__(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                         drop_last=True)
+        self.batch_per_rank, self.start_step = batch_per_rank, 0
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        return iter(indices[self.start_step * self.batch_per_rank:])
+
+    def __len__(self):
+        return self.num_samples - self.start_step * self.batch_per_rank
+
+
+# ----------------------------------------------------------------------------------- schedules
+
+def learning_rate(epoch, args):
+    """Learning rate at a fractional epoch: linear warmup, then a half-cycle cosine to zero."""
+    peak = args.lr * args.batch_size / 256  # linear scaling rule (Goyal et al., 2017)
+    if epoch < args.warmup_epochs:
+        return peak * epoch / args.warmup_epochs
+    progress = (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def momentum(epoch, args):
+    """Momentum m at a fractional epoch: from args.moco_m to 1 on a half-cycle cosine.
+
+    With m -> 1 the keys change ever more slowly as the encoder converges, as in BYOL.
+    """
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / args.epochs)) * (1.0 - args.moco_m)
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def extract_features(encoder, dataset, args, device):
+    """Return L2-normalised [CLS] features (N, D) and labels (N,) of a dataset, in order.
+
+    Each process encodes a contiguous share of the images and the shares are gathered, so no
+    image is counted twice and the result does not depend on the number of processes.
+    """
+    rank, world = world_info()
+    share = math.ceil(len(dataset) / world)
+    indices = range(rank * share, min((rank + 1) * share, len(dataset)))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+                                         batch_size=256, num_workers=args.workers)
+    features, labels = [], []
+    was_training = encoder.training
+    encoder.eval()
+    for images, targets in loader:
+        with autocast(args, device):
+            features.append(encoder.forward_features(images.to(device)).float())
+        labels.append(targets.to(device))
+    encoder.train(was_training)
+    dim = encoder.dim
+    features = torch.cat(features) if features else torch.zeros(0, dim, device=device)
+    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    features, labels = gather_shares(features, share), gather_shares(labels, share)
+    return F.normalize(features, dim=1)[:len(dataset)], labels[:len(dataset)]
+
+
+def gather_shares(x, share):
+    """Concatenate each process's (n_i, ...) share, padded to `share` rows, in rank order."""
+    _, world = world_info()
+    if world == 1:
+        return x
+    padded = torch.zeros((share,) + x.shape[1:], dtype=x.dtype, device=x.device)
+    padded[:len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    sizes = [torch.zeros((), dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor(len(x), device=x.device))
+    return torch.cat([part[:int(n)] for part, n in zip(parts, sizes)])
+
+
+def knn_predict(bank, bank_labels, queries, num_classes, k=200, temperature=0.1):
+    """Weighted kNN (Wu et al., 2018): each of the k nearest bank features votes exp(sim / t).
+
+    bank (N, D) and queries (M, D) are L2-normalised; returns predicted labels (M,).
+    """
+    k = min(k, bank.shape[0])
+    predictions = []
+    for chunk in queries.split(1024):
+        similarity, index = (chunk @ bank.T).topk(k, dim=1)  # (m, k)
+        weights = (similarity / temperature).exp()
+        votes = torch.zeros(chunk.shape[0], num_classes, device=chunk.device)
+        votes.scatter_add_(1, bank_labels[index], weights)  # (m, classes)
+        predictions.append(votes.argmax(dim=1))
+    return torch.cat(predictions)
+
+
+def knn_top1(encoder, eval_sets, args, device):
+    """kNN top-1 (%) of the [CLS] features: train split as the bank, test split as queries."""
+    bank, bank_labels = extract_features(encoder, eval_sets["train"], args, device)
+    queries, query_labels = extract_features(encoder, eval_sets["test"], args, device)
+    num_classes = int(max(bank_labels.max(), query_labels.max())) + 1
+    predictions = knn_predict(bank, bank_labels, queries, num_classes, k=args.knn_k)
+    return 100.0 * (predictions == query_labels).float().mean().item()
+
+
+# ------------------------------------------------------------------------------------ training
+
+def autocast(args, device):
+    """Autocast context for the chosen --amp precision (a no-op for fp32)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def train_one_epoch(model, loader, optimizer, scaler, epoch, args, state):
+    """Train for one epoch (from `state.step`); returns False if a stop signal ended it early."""
+    rank, _ = world_info()
+    moco = model.module if hasattr(model, "module") else model
+    steps = state.steps_per_epoch
+    progress = tqdm(total=steps, initial=state.step, desc=f"epoch {epoch}",
+                    disable=rank != 0 or args.no_progress, dynamic_ncols=True, leave=False)
+    start = time.perf_counter()
+    seen = 0
+    for x1, x2 in loader:
+        # lr and m are set every iteration from the fractional epoch
+        t = epoch + state.step / steps
+        lr, m = learning_rate(t, args), momentum(t, args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        x1 = x1.to(state.device, non_blocking=True)
+        x2 = x2.to(state.device, non_blocking=True)
+        with autocast(args, state.device):
+            loss = model(x1, x2, m)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+        state.step += 1
+        seen += x1.shape[0] * state.world
+        if state.step % args.log_every == 0 or state.step == steps:
+            loss_value = mean_over_processes(loss.detach())
+            check_finite(loss_value, epoch, state.step)
+            speed = seen / (time.perf_counter() - start)
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", m=f"{m:.4f}",
+                                 img_s=f"{speed:.0f}")
+            state.log(dict(epoch=epoch, step=state.step, loss=loss_value, lr=lr, momentum=m,
+                           images_per_s=round(speed, 1)))
+        progress.update(1)
+        if stop_requested():
+            progress.close()
+            return False
+    progress.close()
+    return True
+
+
+def mean_over_processes(x):
+    """Average a scalar tensor over all processes and return it as a float."""
+    _, world = world_info()
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world
+    return x.item()
+
+
+def check_finite(loss, epoch, step):
+    if not math.isfinite(loss):
+        raise TrainingError(f"loss is {loss} at epoch {epoch}, step {step}; the last checkpoint "
+                            "was kept. Lower --lr, raise --warmup-epochs, or try --amp off")
+
+
+class TrainingError(Exception):
+    """Training cannot go on (for example a non-finite loss); printed as one line."""
+
+
+_STOP_SIGNAL = []
+
+
+def request_stop(signum, frame):
+    _STOP_SIGNAL.append(signum)
+
+
+def stop_requested():
+    """True if any process received SIGTERM or SIGINT; every process gets the same answer."""
+    flag = torch.tensor([float(bool(_STOP_SIGNAL))])
+    _, world = world_info()
+    if world > 1:
+        if dist.get_backend() == "nccl":
+            flag = flag.cuda()
+        dist.all_reduce(flag)
+    return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT = re.compile(r"checkpoint-epoch(\d+)(?:-step(\d+))?\.pth$")
+
+
+def checkpoint_path(output_dir, epoch, step):
+    """checkpoint-epochE.pth after E whole epochs; checkpoint-epochE-stepS.pth within epoch E."""
+    name = f"checkpoint-epoch{epoch:04d}" + (f"-step{step:06d}" if step else "") + ".pth"
+    return Path(output_dir) / name
+
+
+def list_checkpoints(output_dir):
+    """Checkpoints in output_dir, oldest first (ordered by epoch, then step)."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-epoch*.pth"):
+        match = CHECKPOINT.match(path.name)
+        if match:
+            found.append(((int(match[1]), int(match[2] or 0)), path))
+    return [path for _, path in sorted(found)]
+
+
+def save_checkpoint(path, moco, optimizer, scaler, epoch, step, args):
+    """Write atomically: to a temporary file in the same folder, then rename over the target."""
+    checkpoint = dict(
+        model=moco.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+        epoch=epoch, step=step, world_size=world_info()[1], config=plain_config(args))
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(checkpoint, temporary)
+    os.replace(temporary, path)
+    for old in list_checkpoints(path.parent)[:-args.keep_checkpoints]:
+        old.unlink()
+
+
+def plain_config(args):
+    """The arguments as plain Python types, so that torch.load(weights_only=True) can read them."""
+    return {key: (str(value) if isinstance(value, Path) else value)
+            for key, value in vars(args).items()}
+
+
+MODEL_KEYS = ("arch", "image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "out_dim")
+
+
+def load_checkpoint(path):
+    """Load a checkpoint safely (weights_only); a bad file is a UsageError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--resume {path}: no such file; pass a checkpoint-epoch*.pth file, "
+                         "or 'auto' to take the latest one in --output-dir")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, pickle of arbitrary objects, not a torch file
+        raise UsageError(f"--resume {path}: not a readable checkpoint ({error}); "
+                         "pass a checkpoint written by mocov3.py") from None
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        raise UsageError(f"--resume {path}: not a mocov3.py checkpoint (no 'model' entry)")
+    return checkpoint
+
+
+def restore(checkpoint, path, moco, optimizer, scaler, args):
+    """Load model, optimizer and scaler state; a model of another shape is a UsageError."""
+    saved = checkpoint.get("config", {})
+    mismatched = [f"{key}={saved.get(key)!r} (now {getattr(args, key)!r})"
+                  for key in MODEL_KEYS if key in saved and saved[key] != getattr(args, key)]
+    if mismatched:
+        raise UsageError(f"--resume {path}: checkpoint was trained with " + ", ".join(mismatched)
+                         + "; pass the same options as that run")
+    try:
+        moco.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        detail = " ".join(str(error).split())
+        raise UsageError(f"--resume {path}: model does not match ({detail[:500]})") from None
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint["scaler"])
+
+
+# -------------------------------------------------------------------------------- command line
+
+# Defaults for the paper's presets (Table 1 and Section 4 of the paper, ViT rows) and for ours.
+PAPER_DEFAULTS = dict(batch_size=4096, lr=1.5e-4, epochs=300, warmup_epochs=40, crop_min=0.08,
+                      mlp_dim=4096, temperature=0.2, weight_decay=0.1, moco_m=0.99, knn_k=200)
+CPU_DEFAULTS = dict(batch_size=256, lr=1.5e-3, epochs=4, warmup_epochs=1, crop_min=0.2,
+                    mlp_dim=1024, temperature=0.2, weight_decay=0.1, moco_m=0.99, knn_k=200)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="MoCo v3 self-supervised pretraining of a Vision Transformer. Options shown "
+                    "with 'preset' take the arch's default: the paper's for vit_small/base/"
+                    "large/huge, CPU-sized ones for the *_cpu presets (see README).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--arch", default="vit_nano_cpu", help=f"ViT preset: {', '.join(ARCHS)}")
+    add("--image-size", type=int, help="input image side in pixels (default: the preset's)")
+    add("--learnable-patch-embed", action="store_true",
+        help="train the patch projection instead of freezing it (the paper's comparison)")
+    add("--data", default="fashion-mnist",
+        help="fashion-mnist, cifar10, cifar100, or a folder in ImageFolder layout (or holding "
+             "train/ and optionally val/ or test/, as ImageNet)")
+    add("--data-root", default="./data", help="folder for the named datasets (downloads go here)")
+    add("--subset", type=int, help="train on a fixed random subset of this many images")
+    add("--eval-subset", type=int, default=10000,
+        help="kNN uses at most this many train images (bank) and test images (queries)")
+    add("--epochs", type=int, help="training epochs (default: preset)")
+    add("--warmup-epochs", type=float, help="linear learning-rate warmup, in epochs (preset)")
+    add("--batch-size", type=int, help="global batch, in image pairs over all processes (preset)")
+    add("--lr", type=float, help="base learning rate, per 256 images; lr = lr * batch / 256")
+    add("--weight-decay", type=float, help="AdamW weight decay (preset)")
+    add("--moco-m", type=float, help="momentum m at the start; it rises to 1 on a cosine")
+    add("--temperature", type=float, help="softmax temperature T of the loss (preset)")
+    add("--mlp-dim", type=int, help="hidden width of the projector and predictor (preset)")
+    add("--out-dim", type=int, default=256, help="output width of the projector and predictor")
+    add("--crop-min", type=float, help="smallest random-resized-crop scale, a fraction of the area")
+    add("--knn-k", type=int, help="neighbours k of the kNN monitor (preset)")
+    add("--eval-every", type=int, default=1, help="kNN every this many epochs (0: only at ends)")
+    add("--output-dir", help="folder for metrics.jsonl and checkpoints "
+                             "(default: runs/ARCH-DATE-TIME)")
+    add("--resume", help="checkpoint to continue from, or 'auto' for the latest in --output-dir")
+    add("--overwrite", action="store_true",
+        help="start afresh in an --output-dir that already holds checkpoints, deleting them")
+    add("--keep-checkpoints", type=int, default=1, help="how many of the newest checkpoints to keep")
+    add("--seed", type=int, default=0, help="seed for weights, subset, shuffling, augmentation")
+    add("--workers", type=int, default=2, help="DataLoader worker processes per training process")
+    add("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+        help="mixed precision: auto is bf16 on GPUs that support it, fp16 with a gradient "
+             "scaler on older GPUs, off (fp32) on CPUs")
+    add("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    add("--backend", help="torch.distributed backend (default: nccl on GPUs, gloo on CPUs)")
+    add("--log-every", type=int, default=10, help="log loss and lr every this many steps")
+    add("--no-progress", action="store_true", help="no tqdm progress bar")
+    args = parser.parse_args(argv)
+    fill_defaults(args)
+    return args
+
+
+def fill_defaults(args):
+    """Fill preset-dependent options left unset, then validate every numeric option."""
+    if args.arch not in ARCHS:
+        raise UsageError(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
+    preset = ARCHS[args.arch]
+    defaults = CPU_DEFAULTS if args.arch.endswith("_cpu") else PAPER_DEFAULTS
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for key in ("patch_size", "dim", "depth", "heads"):
+        setattr(args, key, preset[key])
+    if args.image_size is None:
+        args.image_size = preset["image_size"]
+    positive = ("epochs", "batch_size", "lr", "image_size", "temperature", "mlp_dim", "out_dim",
+                "knn_k", "log_every", "keep_checkpoints", "eval_subset")
+    for key in positive:
+        if getattr(args, key) <= 0:
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} must be positive")
+    for key in ("subset",):
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            raise UsageError(f"--{key} {getattr(args, key)} must be positive")
+    if not 0 <= args.warmup_epochs < args.epochs:
+        raise UsageError(f"--warmup-epochs {args.warmup_epochs} must be in [0, --epochs "
+                         f"{args.epochs})")
+    if not 0 <= args.moco_m <= 1:
+        raise UsageError(f"--moco-m {args.moco_m} must be in [0, 1]")
+    if not 0 < args.crop_min <= 1:
+        raise UsageError(f"--crop-min {args.crop_min} must be in (0, 1]")
+    if args.image_size % args.patch_size:
+        raise UsageError(f"--image-size {args.image_size} is not divisible by the patch size "
+                         f"{args.patch_size} of {args.arch}; use a multiple of {args.patch_size}")
+    if args.workers < 0 or args.eval_every < 0:
+        raise UsageError("--workers and --eval-every must be 0 or more")
+
+
+# ---------------------------------------------------------------------------------------- main
+
+def setup_distributed(args):
+    """Join the torchrun process group if there is one; return the device of this process."""
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        backend = args.backend or ("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend)
+    if args.amp == "auto":
+        if device.type == "cuda":
+            args.amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            # NOTE: bf16 autocast on CPUs is slower than fp32 unless the CPU has bf16 matrix
+            # units; pass --amp bf16 to try it.
+            args.amp = "off"
+    if args.amp == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 or off on a CPU")
+    return device
+
+
+class RunState:
+    """Position in training and the metrics log; only rank 0 writes the log."""
+
+    def __init__(self, output_dir, device, steps_per_epoch):
+        self.rank, self.world = world_info()
+        self.output_dir, self.device, self.steps_per_epoch = output_dir, device, steps_per_epoch
+        self.step = 0
+
+    def log(self, record):
+        if self.rank == 0:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def print(self, *parts):
+        if self.rank == 0:
+            tqdm.write(" ".join(str(p) for p in parts))
+
+
+def prepare_output_dir(args):
+    """Pick the output folder and protect an earlier run's checkpoints in it."""
+    rank, world = world_info()
+    if args.output_dir is None:
+        stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
+        if world > 1:
+            dist.broadcast_object_list(stamp, src=0)  # every rank writes to the same folder
+        args.output_dir = f"runs/{args.arch}-{stamp[0]}"
+    output_dir = Path(args.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UsageError(f"--output-dir {output_dir} is a file; pass a folder")
+    existing = list_checkpoints(output_dir) if output_dir.is_dir() else []
+    if args.resume == "auto":
+        args.resume = str(existing[-1]) if existing else None
+    elif existing and args.resume is None and not args.overwrite:
+        raise UsageError(f"--output-dir {output_dir} already holds checkpoints of a run "
+                         f"({existing[-1].name}); pass --resume auto to continue it, "
+                         "--overwrite to start afresh, or another --output-dir")
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if args.overwrite and args.resume is None:
+            for path in existing:
+                path.unlink()
+            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    return output_dir
+
+
+def build_training_data(args, splits, normalization, rank, world):
+    """Return the two-view training set, its sampler and DataLoader."""
+    train = splits["train"]
+    if len(train) == 0:
+        raise UsageError(f"--data {args.data}: no training images found")
+    if args.subset is not None and args.subset < len(train):
+        generator = torch.Generator().manual_seed(args.seed)
+        picked = torch.randperm(len(train), generator=generator)[:args.subset].tolist()
+        train = torch.utils.data.Subset(train, sorted(picked))
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} "
+                         "processes; each process takes batch / processes images")
+    if len(train) < args.batch_size:
+        raise UsageError(f"--data {args.data} has {len(train)} training images, fewer than one "
+                         f"--batch-size {args.batch_size}; lower --batch-size or add images")
+    view1, view2 = pretrain_transforms(args.image_size, args.crop_min,
+                                       NORMALIZATION[normalization])
+    two_views = TwoViews(train, view1, view2, args.seed)
+    batch_per_rank = args.batch_size // world
+    sampler = EpochSampler(two_views, batch_per_rank, rank, world, args.seed)
+    loader = torch.utils.data.DataLoader(
+        two_views, batch_size=batch_per_rank, sampler=sampler, num_workers=args.workers,
+        drop_last=True, pin_memory=torch.cuda.is_available())
+    return two_views, sampler, loader
+
+
+def build_eval_data(args, splits, normalization):
+    """Return {"train", "test"} evaluation datasets (fixed subsets), or None without a test split."""
+    if "test" not in splits:
+        return None
+    transform = eval_transform(args.image_size, NORMALIZATION[normalization],
+                               resize_crop=args.image_size >= 128)
+    eval_sets = {}
+    for split in ("train", "test"):
+        dataset = splits[split]
+        if isinstance(dataset, ArrayDataset):
+            dataset = ArrayDataset(dataset.images, dataset.targets, transform)
+        else:
+            dataset = datasets.ImageFolder(dataset.root, transform=transform)
+        if len(dataset) > args.eval_subset:
+            generator = torch.Generator().manual_seed(args.seed + 1)
+            picked = torch.randperm(len(dataset), generator=generator)[:args.eval_subset]
+            dataset = torch.utils.data.Subset(dataset, sorted(picked.tolist()))
+        eval_sets[split] = dataset
+    return eval_sets
+
+
+def build_model(args, device):
+    """Build MoCo on `device` with the same initial weights in every process."""
+    torch.manual_seed(args.seed)
+    vit = create_vit(args.arch, image_size=args.image_size,
+                     learnable_patch_embed=args.learnable_patch_embed)
+    return MoCo(vit, dim=args.out_dim, mlp_dim=args.mlp_dim,
+                temperature=args.temperature).to(device)
+
+
+def evaluate(moco, eval_sets, args, device, state, epoch):
+    if eval_sets is None:
+        return
+    top1 = knn_top1(moco.base_encoder, eval_sets, args, device)
+    state.print(f"epoch {epoch}: kNN top-1 {top1:.2f}%")
+    state.log(dict(epoch=epoch, knn_top1=top1))
+
+
+def train(args):
+    """Pretrain MoCo v3 as configured by args."""
+    device = setup_distributed(args)
+    rank, world = world_info()
+    output_dir = prepare_output_dir(args)
+    splits, normalization = load_datasets(args)
+    two_views, sampler, loader = build_training_data(args, splits, normalization, rank, world)
+    eval_sets = build_eval_data(args, splits, normalization)
+
+    moco = build_model(args, device)
+    model = moco
+    if world > 1:
+        # BatchNorm statistics are already global, so DDP need not broadcast buffers.
+        model = nn.parallel.DistributedDataParallel(
+            moco, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False)
+    trainable = [p for p in moco.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
+
+    state = RunState(output_dir, device, len(sampler) // sampler.batch_per_rank)
+    start_epoch = 0
+    if args.resume:
+        checkpoint = load_checkpoint(args.resume)
+        restore(checkpoint, args.resume, moco, optimizer, scaler, args)
+        start_epoch, state.step = checkpoint["epoch"], checkpoint["step"]
+        if state.step and checkpoint.get("world_size") != world:
+            raise UsageError(f"--resume {args.resume}: stopped mid-epoch with "
+                             f"{checkpoint.get('world_size')} processes; resume it with as many")
+        state.print(f"resumed from {args.resume} at epoch {start_epoch}, step {state.step}")
+    state.print(f"MoCo v3 {args.arch}, {len(two_views)} images, global batch {args.batch_size} "
+                f"on {world} process(es), {device}, amp {args.amp}; output in {output_dir}")
+
+    if start_epoch == 0 and state.step == 0:
+        evaluate(moco, eval_sets, args, device, state, epoch=0)
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    for epoch in range(start_epoch, args.epochs):
+        two_views.epoch = epoch
+        sampler.set_epoch(epoch)
+        sampler.start_step = state.step
+        finished = train_one_epoch(model, loader, optimizer, scaler, epoch, args, state)
+        done_epoch, done_step = (epoch + 1, 0) if finished else (epoch, state.step)
+        if rank == 0:
+            save_checkpoint(checkpoint_path(output_dir, done_epoch, done_step), moco, optimizer,
+                            scaler, done_epoch, done_step, args)
+        if not finished:
+            state.print(f"stopped by signal at epoch {epoch}, step {state.step}; checkpoint "
+                        f"written. Continue with --resume auto --output-dir {output_dir}")
+            return 128 + _STOP_SIGNAL[0] if _STOP_SIGNAL else 143
+        state.step = 0
+        last = epoch + 1 == args.epochs
+        if last or (args.eval_every and (epoch + 1) % args.eval_every == 0):
+            evaluate(moco, eval_sets, args, device, state, epoch=epoch + 1)
+    return 0
+
+
+def main(argv=None):
+    try:
+        args = parse_args(argv)
+        status = train(args)
+    except (UsageError, TrainingError) as error:
+        if world_info()[0] == 0:
+            print(f"error: {error}", file=sys.stderr)
+        status = 2 if isinstance(error, UsageError) else 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
