@@ -29,7 +29,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -43,7 +42,7 @@ class UsageError(Exception):
 
 # ---------------------------------------------------------------------------- Vision Transformer
 
-# Table 2 of the paper. ViT-S uses 12 heads (64 dims each) as in the paper, where DeiT-S uses 6.
+# Table 2 of the paper. ViT-S uses 12 heads (32 dims each) as in the paper, where DeiT-S uses 6.
 # The `vit_*_cpu` presets are ours: small enough to train on 28-32 px images on a laptop CPU.
 ARCHS = {
     "vit_small": dict(patch_size=16, dim=384, depth=12, heads=12, image_size=224),
@@ -58,9 +57,9 @@ ARCHS = {
 def sincos_position_embedding(grid_h, grid_w, dim, temperature=10000.0):
     """Return the fixed 2D sin-cos position embedding, shape (grid_h * grid_w, dim).
 
-    A quarter of the channels encode the row with sin, a quarter with cos, and the other half the
-    column, at frequencies 1 / temperature^(i / (dim/4)) as in the Transformer. Rows and columns
-    are handled separately, so the embedding is right for non-square grids too.
+    Channels are [sin(col), cos(col), sin(row), cos(row)], a quarter each, at frequencies
+    1 / temperature^(i / (dim/4)) as in the Transformer. Rows and columns are encoded
+    separately, so the embedding is right for non-square grids too.
     """
     if dim % 4 != 0:
         raise UsageError(f"width {dim} is not divisible by 4, which the 2D sin-cos position "
@@ -199,6 +198,28 @@ def create_vit(arch, **overrides):
 
 # ------------------------------------------------------------------------------ heads and loss
 
+def at_least_fp32(x):
+    """Cast fp16 and bf16 to fp32 (for statistics and the loss under autocast); keep fp64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum a tensor over all processes. The gradient of a sum is the sum of the gradients, so
+    the backward pass sums too: each process gets the gradient from every process's loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class BatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics are over the global batch of all processes.
 
@@ -211,16 +232,16 @@ class BatchNorm1d(nn.BatchNorm1d):
     def forward(self, x):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        x32 = x.float()  # statistics in fp32 under autocast
-        count = torch.tensor([x.shape[0]], dtype=torch.float32, device=x.device)
-        count = dist_nn.all_reduce(count)
-        mean = dist_nn.all_reduce(x32.sum(0)) / count  # (C,)
-        var = dist_nn.all_reduce(((x32 - mean) ** 2).sum(0)) / count  # biased, as BatchNorm
+        x32 = at_least_fp32(x)  # statistics in fp32 under autocast
+        count = torch.tensor([x.shape[0]], dtype=x32.dtype, device=x.device)
+        count = AllReduceSum.apply(count)
+        mean = AllReduceSum.apply(x32.sum(0)) / count  # (C,)
+        var = AllReduceSum.apply(((x32 - mean) ** 2).sum(0)) / count  # biased, as BatchNorm
         if self.track_running_stats:
             with torch.no_grad():
                 unbiased = var * count / (count - 1)
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(unbiased, self.momentum)
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
                 self.num_batches_tracked += 1
         y = (x32 - mean) * torch.rsqrt(var + self.eps)
         if self.affine:
@@ -231,8 +252,9 @@ class BatchNorm1d(nn.BatchNorm1d):
 def build_mlp(num_layers, in_dim, hidden_dim, out_dim):
     """Build the MoCo v3 MLP: Linear (no bias), then BN and ReLU, except after the last Linear.
 
-    The last layer ends in a BatchNorm without affine parameters, as in SimCLR v2 with the
-    learnable scale removed: the loss normalises the output anyway, so a scale would be idle.
+    The last layer ends in a BatchNorm without affine parameters: SimCLR v2 ends its head in a
+    BatchNorm without shift, and the official MoCo v3 code also drops the scale for simplicity.
+    The loss L2-normalises the output, which cancels any scale shared by all channels.
     """
     layers = []
     for i in range(num_layers):
@@ -272,8 +294,8 @@ def contrastive_loss(q, k, temperature):
     of the global batch, which is where their positive keys sit in the gathered keys.
     """
     rank, _ = world_info()
-    q = F.normalize(q.float(), dim=1)
-    k = F.normalize(gather_keys(k.float()), dim=1)  # (N * world, C)
+    q = F.normalize(at_least_fp32(q), dim=1)
+    k = F.normalize(gather_keys(at_least_fp32(k)), dim=1)  # (N * world, C)
     logits = q @ k.T / temperature  # (N, N * world)
     labels = torch.arange(q.shape[0], device=q.device) + q.shape[0] * rank
     # Why 2T: the cross-entropy is -q.k+ / T + log sum_j exp(q.k_j / T). Times 2T, the positive
@@ -513,8 +535,8 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 def learning_rate(epoch, args):
     """Learning rate at a fractional epoch: linear warmup, then a half-cycle cosine to zero."""
     peak = args.lr * args.batch_size / 256  # linear scaling rule (Goyal et al., 2017)
-    if epoch < args.warmup_epochs:
-        return peak * epoch / args.warmup_epochs
+    if epoch < args.warmup_epochs or args.warmup_epochs == args.epochs:
+        return peak * min(epoch / args.warmup_epochs, 1.0)
     progress = (epoch - args.warmup_epochs) / (args.epochs - args.warmup_epochs)
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -839,9 +861,9 @@ def fill_defaults(args):
     for key in ("subset",):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise UsageError(f"--{key} {getattr(args, key)} must be positive")
-    if not 0 <= args.warmup_epochs < args.epochs:
+    if not 0 <= args.warmup_epochs <= args.epochs:
         raise UsageError(f"--warmup-epochs {args.warmup_epochs} must be in [0, --epochs "
-                         f"{args.epochs})")
+                         f"{args.epochs}]")
     if not 0 <= args.moco_m <= 1:
         raise UsageError(f"--moco-m {args.moco_m} must be in [0, 1]")
     if not 0 < args.crop_min <= 1:
@@ -1000,10 +1022,8 @@ def train(args):
     moco = build_model(args, device)
     model = moco
     if world > 1:
-        # BatchNorm statistics are already global, so DDP need not broadcast buffers.
         model = nn.parallel.DistributedDataParallel(
-            moco, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            moco, device_ids=[device.index] if device.type == "cuda" else None)
     trainable = [p for p in moco.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
@@ -1050,7 +1070,10 @@ def main(argv=None):
         args = parse_args(argv)
         status = train(args)
     except (UsageError, TrainingError) as error:
-        if world_info()[0] == 0:
+        # Bad input and a non-finite (all-reduced) loss are the same on every process, so rank 0
+        # alone prints them. RANK is read from torchrun's environment because the error may
+        # come before the process group exists.
+        if int(os.environ.get("RANK", 0)) == 0:
             print(f"error: {error}", file=sys.stderr)
         status = 2 if isinstance(error, UsageError) else 1
     finally:

@@ -1,0 +1,884 @@
+"""Benchmark mocov3.py's training step against the same MoCo v3 step built on timm's ViT.
+
+For each configuration (ViT preset, implementation, precision) this measures:
+
+- step throughput: image pairs per second, from the median of several timed steps after warm-up.
+  One step is forward(x1, x2, m) returning the loss, backward, and an AdamW step, on fixed random
+  inputs, so data loading is not part of it;
+- peak memory of the step (see `measure_step` for how, on CPU and on CUDA);
+- model FLOPs per step, counted analytically (see `step_flops`), and MFU: achieved FLOP/s over the
+  peak FLOP/s of a large matrix multiply measured in the same run and in the same dtype;
+- data loading: decoded and augmented image pairs per second in one process, which is what one
+  DataLoader worker delivers.
+
+It also profiles mocov3.py's fp32 step with torch.profiler, prints one Markdown page and writes it
+to benchmarks/README.md.
+
+    python benchmarks/benchmark.py            # full run, about 10 minutes on 2 CPU cores
+    python benchmarks/benchmark.py --quick    # fewer steps, no profile
+    python benchmarks/benchmark.py --help
+
+Every configuration runs in a fresh process, so that one's memory peak and allocator state do not
+leak into the next.
+"""
+
+import argparse
+import concurrent.futures
+import dataclasses
+import datetime
+import hashlib
+import io
+import math
+import multiprocessing
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from functools import partial
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+import torchvision
+from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
+from torch._C._profiler import _EventType
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import mocov3  # noqa: E402  (after the path change, so the script runs from any folder)
+
+DEFAULT_OUTPUT = REPO / "benchmarks" / "README.md"
+DEFAULT_JPEG_ARCHIVE = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+# Hyperparameters of the timed step that do not change its cost much; m is fixed so that no
+# schedule enters the timing.
+OUT_DIM = 256
+TEMPERATURE = 0.2
+MOMENTUM = 0.99
+LEARNING_RATE = 1.5e-4
+WEIGHT_DECAY = 0.1
+
+# CPU configurations: vit_small at the paper's 224 px with a batch that 2 cores step through in a
+# few seconds, and the classroom preset at its own defaults (batch 256, MLP width 1024).
+CPU_CONFIGS = {
+    "vit_small": dict(image_size=224, batch=8, mlp_dim=4096),
+    "vit_nano_cpu": dict(image_size=28, batch=256, mlp_dim=1024),
+}
+CUDA_BATCH = 256  # image pairs per step for vit_small on one GPU unless --batch-size says otherwise
+
+# What the project asks of mocov3.py's step on vit_small at 224 px, measured here, not enforced.
+TARGETS = {
+    "speedup_bf16": 1.25,  # ours / timm pairs per second, bf16 autocast
+    "speedup_fp32": 1.10,  # the same in fp32
+    "mfu_fp32": 0.70,  # fraction of the measured fp32 matmul peak
+}
+
+IMPLEMENTATIONS = {
+    "ours": "mocov3.MoCo on mocov3.VisionTransformer: both views in one backbone pass",
+    "timm": "timm VisionTransformer, one backbone pass per view as the official MoCo v3 code",
+    "timm-concat": "timm VisionTransformer in mocov3.MoCo unchanged: both views in one pass",
+    "ours-compiled": "ours, with the whole MoCo module wrapped in torch.compile",
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ------------------------------------------------------------------------------ the timm step
+
+class TimmBackbone(nn.Module):
+    """timm's VisionTransformer set up as MoCo v3's ViT, with the interface mocov3.MoCo uses.
+
+    MoCo needs `dim`, a replaceable `head` and `forward_features(x)` returning the final
+    normalised [CLS] token (B, D). timm's forward_features returns every token after the final
+    LayerNorm, so the [CLS] token is taken from it, as timm's own 'token' pooling does.
+    """
+
+    def __init__(self, image_size, patch_size, dim, depth, heads):
+        super().__init__()
+        self.vit = TimmVisionTransformer(
+            img_size=image_size, patch_size=patch_size, embed_dim=dim, depth=depth,
+            num_heads=heads, mlp_ratio=4, qkv_bias=True, class_token=True, global_pool="token",
+            num_classes=0, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        self.dim = dim
+        self.head = nn.Identity()
+
+        # The fixed 2D sin-cos position embedding, with a zero entry for [CLS], taken from
+        # mocov3 so that both models add the same numbers.
+        grid = image_size // patch_size
+        position = mocov3.sincos_position_embedding(grid, grid, dim)
+        with torch.no_grad():
+            self.vit.pos_embed.copy_(torch.cat([torch.zeros(1, dim), position])[None])
+        self.vit.pos_embed.requires_grad_(False)
+        self.vit.patch_embed.requires_grad_(False)  # frozen random patch projection
+
+    def forward_features(self, x):
+        return self.vit.forward_features(x)[:, 0]  # (B, D)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+class TwoPassMoCo(mocov3.MoCo):
+    """mocov3.MoCo with the official code's forward: each encoder runs once per view.
+
+    Heads, loss and momentum update are mocov3's, so against `mocov3.MoCo` only the backbone
+    and the batching of the two views differ. The loss is the same function of the inputs.
+    """
+
+    def forward(self, x1, x2, m):
+        q1 = self.predictor(self.base_encoder(x1))
+        q2 = self.predictor(self.base_encoder(x2))
+        with torch.no_grad():
+            self.update_momentum_encoder(m)
+            k1 = self.momentum_encoder(x1)
+            k2 = self.momentum_encoder(x2)
+        return (mocov3.contrastive_loss(q1, k2, self.temperature)
+                + mocov3.contrastive_loss(q2, k1, self.temperature))
+
+
+def build_moco(impl, arch, image_size, mlp_dim):
+    """Build one of IMPLEMENTATIONS for an mocov3.ARCHS preset at the given image size."""
+    preset = mocov3.ARCHS[arch]
+    if impl in ("ours", "ours-compiled"):
+        backbone = mocov3.create_vit(arch, image_size=image_size)
+    else:
+        backbone = TimmBackbone(image_size, preset["patch_size"], preset["dim"],
+                                preset["depth"], preset["heads"])
+    moco_class = TwoPassMoCo if impl == "timm" else mocov3.MoCo
+    return moco_class(backbone, dim=OUT_DIM, mlp_dim=mlp_dim, temperature=TEMPERATURE)
+
+
+def timm_state_dict(ours_state):
+    """Map a state dict of mocov3.MoCo on mocov3's ViT onto the names of the timm-based MoCo."""
+    mapped = {}
+    for key, value in ours_state.items():
+        encoder, _, rest = key.partition(".")
+        if encoder in ("base_encoder", "momentum_encoder") and not rest.startswith("head."):
+            key = f"{encoder}.vit.{rest}"
+            if rest == "patch_embed.proj.weight":
+                # Linear (D, 3*P*P) to Conv2d (D, 3, P, P): mocov3 orders the inputs as a conv
+                patch = int(math.isqrt(value.shape[1] // 3))
+                value = value.reshape(value.shape[0], 3, patch, patch)
+        mapped[key] = value
+    return mapped
+
+
+def check_parity(arch, image_size, mlp_dim, batch=4):
+    """Return the largest relative loss difference of the timm steps from ours, same weights."""
+    torch.manual_seed(0)
+    ours = build_moco("ours", arch, image_size, mlp_dim)
+    x1 = torch.randn(batch, 3, image_size, image_size)
+    x2 = torch.randn(batch, 3, image_size, image_size)
+    state = timm_state_dict(ours.state_dict())
+    with torch.no_grad():
+        expected = ours(x1, x2, MOMENTUM).item()
+    worst = 0.0
+    for impl in ("timm", "timm-concat"):
+        other = build_moco(impl, arch, image_size, mlp_dim)
+        other.load_state_dict(state, strict=True)
+        with torch.no_grad():
+            loss = other(x1, x2, MOMENTUM).item()
+        worst = max(worst, abs(loss - expected) / abs(expected))
+    return worst
+
+
+# ------------------------------------------------------------------------------------- FLOPs
+
+def vit_forward_flops(arch, image_size):
+    """Return (patch projection, transformer blocks) forward FLOPs of one image.
+
+    A multiply-add counts as 2 FLOPs. With N patches, T = N + 1 tokens, width D, depth L and
+    MLP width 4D, the patch projection is 2 N (3 P^2) D and each block is
+    qkv 6 T D^2 + scores Q K^T 2 T^2 D + weighted sum A V 2 T^2 D + output projection 2 T D^2
+    + MLP 16 T D^2 = 24 T D^2 + 4 T^2 D. LayerNorm, GELU, softmax, biases and residual adds
+    are elementwise and left out.
+    """
+    preset = mocov3.ARCHS[arch]
+    patch, dim, depth = preset["patch_size"], preset["dim"], preset["depth"]
+    patches = (image_size // patch) ** 2
+    tokens = patches + 1
+    patch_flops = 2 * patches * 3 * patch * patch * dim
+    block_flops = 24 * tokens * dim**2 + 4 * tokens**2 * dim
+    return patch_flops, depth * block_flops
+
+
+def step_flops(arch, image_size, batch, mlp_dim, out_dim=OUT_DIM):
+    """Return the model FLOPs of one training step on `batch` image pairs.
+
+    The base encoder, projector and predictor run forward on 2B images and backward at twice
+    their forward cost (gradients for activations and for weights), except the frozen patch
+    projection, whose backward is free: it has no weight gradient and its input, the image,
+    needs none. The momentum encoder and its projector run forward only, under no_grad. The two
+    InfoNCE losses cost 2 B^2 C each for the logits q k^T and the same again backward, where
+    only q needs a gradient. The AdamW step, the momentum update and BatchNorm are elementwise
+    and left out, so MFU here is model FLOPs over time, as in the PaLM paper's definition.
+    """
+    patch_flops, block_flops = vit_forward_flops(arch, image_size)
+    width = mocov3.ARCHS[arch]["dim"]
+    projector = 2 * (width * mlp_dim + mlp_dim * mlp_dim + mlp_dim * out_dim)
+    predictor = 2 * (out_dim * mlp_dim + mlp_dim * out_dim)
+    images = 2 * batch
+
+    base_forward = images * (patch_flops + block_flops + projector + predictor)
+    base_backward = 2 * images * (block_flops + projector + predictor)
+    momentum_forward = images * (patch_flops + block_flops + projector)
+    loss = 2 * (2 * batch * batch * out_dim) * 2
+    return base_forward + base_backward + momentum_forward + loss
+
+
+# ----------------------------------------------------------------------------- measurements
+
+@dataclasses.dataclass
+class Config:
+    """One step configuration: what to build, on what, and how many steps to time."""
+
+    arch: str
+    impl: str
+    dtype: str
+    batch: int
+    image_size: int
+    mlp_dim: int
+    device: str
+    steps: int
+
+
+# The first steps of every implementation are untimed: they warm up oneDNN or cuBLAS, and the
+# second one is the first to hold the previous step's gradients and the AdamW state at once.
+UNTIMED_STEPS = 2
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def train_step(moco, optimizer, x1, x2, dtype, device):
+    """Run one step as mocov3.train_one_epoch does: loss under autocast, zero_grad, backward, AdamW.
+
+    zero_grad comes after the forward there too, so the forward runs while the previous step's
+    gradients are still alive.
+    """
+    with torch.profiler.record_function("forward"):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = moco(x1, x2, MOMENTUM)
+    optimizer.zero_grad(set_to_none=True)
+    with torch.profiler.record_function("backward"):
+        loss.backward()
+    with torch.profiler.record_function("optimizer"):
+        optimizer.step()
+    return loss
+
+
+def prepare_step(config):
+    """Build the model, optimizer and fixed random inputs of a configuration on its device."""
+    device = torch.device(config.device)
+    torch.manual_seed(0)
+    shape = (config.batch, 3, config.image_size, config.image_size)
+    x1, x2 = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    moco = build_moco(config.impl, config.arch, config.image_size, config.mlp_dim).to(device)
+    trainable = [p for p in moco.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    if config.impl == "ours-compiled":
+        moco = torch.compile(moco)
+    return moco, optimizer, x1, x2
+
+
+def peak_cpu_tensor_bytes(function):
+    """Call function() under torch.profiler; return (its result, peak live CPU tensor bytes).
+
+    The peak counts every tensor that PyTorch's CPU allocator handed out during the call and had
+    not yet freed, above what was live when the call began, so it has the meaning of
+    torch.cuda.max_memory_allocated. Memory that oneDNN or the C allocator keep on their own is
+    not in it.
+    NOTE: the running totals come from the profiler's private event tree
+    (kineto_results.experimental_event_tree), read here on torch 2.14; a later torch may move it.
+    """
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        result = function()
+    allocations = []
+    pending = list(profiler.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        event = pending.pop()
+        pending.extend(event.children)
+        if event.typed[0] == _EventType.Allocation and event.typed[1].device.type == "cpu":
+            fields = event.typed[1]
+            allocations.append((event.start_time_ns, fields.total_allocated, fields.alloc_size))
+    if not allocations:
+        raise RuntimeError("torch.profiler recorded no CPU allocations; memory cannot be measured")
+    allocations.sort()
+    _, first_total, first_size = allocations[0]
+    baseline = first_total - first_size  # live bytes the allocator counted before the call
+    return result, max(total for _, total, _ in allocations) - baseline
+
+
+def measure_group(configs):
+    """Measure configurations that differ only in implementation; runs in its own process.
+
+    Each implementation is built and run for UNTIMED_STEPS steps, which also measure its peak
+    memory: everything allocated from building the model to the end of those steps, that is
+    weights, momentum encoder, gradients, AdamW state, inputs and activations. Then the timed
+    steps go round robin over the implementations, in an order that rotates every round, so
+    that a change in load from other processes on the machine hits all of them alike.
+    """
+    device = torch.device(configs[0].device)
+    prepared, results = {}, {}
+    for config in configs:
+        dtype = DTYPES[config.dtype]
+
+        def build_and_warm_up(config=config, dtype=dtype):
+            moco, optimizer, x1, x2 = prepare_step(config)
+            for _ in range(UNTIMED_STEPS):
+                train_step(moco, optimizer, x1, x2, dtype, device)
+            return moco, optimizer, x1, x2
+
+        if device.type == "cuda":
+            synchronize(device)
+            baseline = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            prepared[config.impl] = build_and_warm_up()
+            peak = torch.cuda.max_memory_allocated(device) - baseline
+        else:
+            prepared[config.impl], peak = peak_cpu_tensor_bytes(build_and_warm_up)
+        results[config.impl] = dict(seconds=[], peak_bytes=peak, threads=torch.get_num_threads())
+
+    for round_index in range(configs[0].steps):
+        shift = round_index % len(configs)
+        for config in configs[shift:] + configs[:shift]:
+            moco, optimizer, x1, x2 = prepared[config.impl]
+            synchronize(device)
+            start = time.perf_counter()
+            loss = train_step(moco, optimizer, x1, x2, DTYPES[config.dtype], device)
+            synchronize(device)
+            results[config.impl]["seconds"].append(time.perf_counter() - start)
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"{config}: the loss is {loss.item()}, so the step is broken")
+    return results
+
+
+def measure_matmul_peak(dtype_name, device_name, size=4096, repeats=5):
+    """Return the best FLOP/s of a size x size matrix multiply over `repeats` timed runs."""
+    device = torch.device(device_name)
+    dtype = DTYPES[dtype_name]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    inner = 1 if device.type == "cpu" else 20  # a GPU multiply is too short to time alone
+    a @ b  # warm-up: oneDNN and cuBLAS pick their kernels on the first call
+    best = math.inf
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / inner)
+    return 2 * size**3 / best
+
+
+def profile_step(config, top=10):
+    """Profile steps of one configuration; return per-step CPU totals and the top ops by self time.
+
+    Runs in its own process, after one untimed step. The returned times are means over
+    `config.steps` profiled steps, in milliseconds.
+    """
+    device = torch.device(config.device)
+    dtype = DTYPES[config.dtype]
+    moco, optimizer, x1, x2 = prepare_step(config)
+    train_step(moco, optimizer, x1, x2, dtype, device)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities) as profiler:
+        for _ in range(config.steps):
+            train_step(moco, optimizer, x1, x2, dtype, device)
+    events = profiler.key_averages()
+
+    phases = {e.key: e.cpu_time_total / 1e3 / config.steps for e in events
+              if e.key in ("forward", "backward", "optimizer")}
+    ops = [e for e in events if e.key not in phases]
+    total_self = sum(e.self_cpu_time_total for e in ops)
+    ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    rows = [dict(name=e.key, self_ms=e.self_cpu_time_total / 1e3 / config.steps,
+                 share=e.self_cpu_time_total / total_self, calls=e.count // config.steps)
+            for e in ops[:top]]
+    return dict(phases=phases, total_ms=total_self / 1e3 / config.steps, rows=rows)
+
+
+def time_adamw_variants(arch, mlp_dim, repeats=5):
+    """Return the median seconds of AdamW.step over MoCo's trainable parameters, per variant.
+
+    mocov3.py builds AdamW with the defaults, which on CPU take the per-tensor ("for-loop")
+    implementation; foreach and fused are the two batched ones.
+    """
+    moco = build_moco("ours", arch, CPU_CONFIGS[arch]["image_size"], mlp_dim)
+    trainable = [p for p in moco.parameters() if p.requires_grad]
+    for p in trainable:
+        p.grad = torch.randn_like(p) * 1e-3
+    results = {}
+    for name, options in (("default", {}), ("foreach", dict(foreach=True)),
+                          ("fused", dict(fused=True))):
+        optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                                      **options)
+        optimizer.step()  # creates the moment buffers
+        seconds = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            optimizer.step()
+            seconds.append(time.perf_counter() - start)
+        results[name] = statistics.median(seconds)
+    return results
+
+
+# ------------------------------------------------------------------------------ data loading
+
+class JpegImages(torch.utils.data.Dataset):
+    """JPEG files held as bytes; item i is (decoded RGB PIL image, class index)."""
+
+    def __init__(self, blobs, labels):
+        self.blobs, self.labels = blobs, labels
+
+    def __len__(self):
+        return len(self.blobs)
+
+    def __getitem__(self, index):
+        from PIL import Image
+        image = Image.open(io.BytesIO(self.blobs[index])).convert("RGB")
+        return image, self.labels[index]
+
+
+def read_jpeg_archive(path, count):
+    """Read the first `count` train/<class>/*.jpg members of a .tar.gz into a JpegImages."""
+    blobs, labels, classes = [], [], {}
+    with tarfile.open(path, "r:gz") as archive:
+        for member in archive:
+            parts = member.name.split("/")
+            if not (member.isfile() and len(parts) == 3 and parts[0] == "train"
+                    and parts[2].endswith(".jpg")):
+                continue
+            blobs.append(archive.extractfile(member).read())
+            labels.append(classes.setdefault(parts[1], len(classes)))
+            if len(blobs) == count:
+                break
+    return JpegImages(blobs, labels)
+
+
+def measure_loader(dataset, normalization, image_size, seconds):
+    """Return TwoViews pairs per second in this process, with one thread as a DataLoader worker.
+
+    Images are visited in a fixed shuffled order for at least `seconds` (and at least 20 pairs).
+    """
+    torch.set_num_threads(1)  # what torch.utils.data sets in each worker process
+    view1, view2 = mocov3.pretrain_transforms(image_size, 0.2, mocov3.NORMALIZATION[normalization])
+    two_views = mocov3.TwoViews(dataset, view1, view2, seed=0)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0)).tolist()
+    two_views[order[0]]  # warm-up
+    pairs = 0
+    start = time.perf_counter()
+    while pairs < 20 or time.perf_counter() - start < seconds:
+        two_views[order[(pairs + 1) % len(order)]]
+        pairs += 1
+    return pairs / (time.perf_counter() - start)
+
+
+def measure_data(image_sizes, data_root, jpeg_archive, seconds):
+    """Return {(dataset, image size): pairs/s}, or a reason string for a dataset that is absent."""
+    results = {}
+    fashion = mocov3.load_fashion_mnist(Path(data_root))["train"]
+    sources = [("Fashion-MNIST", fashion, "fashion-mnist")]
+    if jpeg_archive.is_file():
+        sources.append(("CIFAR-10 JPEG copy", read_jpeg_archive(jpeg_archive, 2000), "cifar10"))
+    else:
+        results["CIFAR-10 JPEG copy"] = f"skipped: {jpeg_archive} not found"
+    for name, dataset, normalization in sources:
+        for size in image_sizes:
+            results[(name, size)] = measure_loader(dataset, normalization, size, seconds)
+    return results
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+def run_in_fresh_process(function, *args):
+    """Call function(*args) in a new Python process and return its result."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        return pool.submit(function, *args).result()
+
+
+def plan_configs(args, device):
+    """Return the step configurations that the command line selects."""
+    configs = []
+    for arch in args.archs:
+        if device.type == "cuda":
+            if arch != "vit_small":
+                continue  # the CPU preset is too small to say anything about a GPU
+            image_size, batch, mlp_dim = 224, args.batch_size or CUDA_BATCH, 4096
+        else:
+            base = CPU_CONFIGS[arch]
+            image_size, mlp_dim = base["image_size"], base["mlp_dim"]
+            batch = args.batch_size or base["batch"]
+        for dtype in args.dtypes:
+            for impl in args.impls:
+                configs.append(Config(arch, impl, dtype, batch, image_size, mlp_dim, str(device),
+                                      args.steps))
+    return configs
+
+
+def summarise(config, measured, peaks):
+    """Turn one configuration's raw measurement into a table row."""
+    median = statistics.median(measured["seconds"])
+    flops = step_flops(config.arch, config.image_size, config.batch, config.mlp_dim)
+    return dict(config=config, median_s=median, min_s=min(measured["seconds"]),
+                max_s=max(measured["seconds"]), pairs_per_s=config.batch / median,
+                peak_bytes=measured["peak_bytes"], flops=flops, flops_per_s=flops / median, mfu=flops / median / peaks[config.dtype],
+                threads=measured["threads"])
+
+
+def ratio(rows, arch, dtype, key, numerator="ours", denominator="timm"):
+    """Return rows[numerator][key] / rows[denominator][key] for one arch and dtype, or None."""
+    values = {}
+    for row in rows:
+        c = row["config"]
+        if c.arch == arch and c.dtype == dtype:
+            values[c.impl] = row[key]
+    if numerator in values and denominator in values:
+        return values[numerator] / values[denominator]
+    return None
+
+
+# ---------------------------------------------------------------------------------- the page
+
+def machine_description():
+    """Return a one-line description of the CPU, cores and memory of this machine."""
+    model = platform.processor() or "unknown CPU"
+    flags = set()
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    with open("/proc/meminfo") as f:
+        memory_gib = int(f.readline().split()[1]) / 2**20
+    notable = sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"})
+    return (f"{model}, {os.cpu_count()} logical cores visible to this process, "
+            f"{memory_gib:.0f} GiB RAM; CPU flags {', '.join(notable) or 'none of note'}")
+
+
+def mocov3_revision():
+    """Return the git commit of mocov3.py and whether the file differs from it, or 'unknown'."""
+    digest = hashlib.sha256((REPO / "mocov3.py").read_bytes()).hexdigest()[:12]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "mocov3.py"],
+                                 cwd=REPO).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return f"unknown commit, file sha256 {digest}"
+    state = "with uncommitted changes" if changed else "unchanged"
+    return f"commit {commit} ({state}), file sha256 {digest}"
+
+
+def format_bytes(n):
+    return f"{n / 2**20:,.0f} MiB"
+
+
+def step_table(rows):
+    lines = ["| preset | px | batch | impl | dtype | step ms (min-max) | pairs/s | ours/this "
+             "| peak memory | GFLOP/step | GFLOP/s | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        c = row["config"]
+        speedup = ratio(rows, c.arch, c.dtype, "pairs_per_s", "ours", c.impl)
+        speedup_text = "" if speedup is None else f"{speedup:.2f}"
+        lines.append(
+            f"| {c.arch} | {c.image_size} | {c.batch} | {c.impl} | {c.dtype} "
+            f"| {row['median_s'] * 1e3:,.0f} ({row['min_s'] * 1e3:,.0f}-{row['max_s'] * 1e3:,.0f}) "
+            f"| {row['pairs_per_s']:,.1f} | {speedup_text} "
+            f"| {format_bytes(row['peak_bytes'])} | {row['flops'] / 1e9:,.0f} "
+            f"| {row['flops_per_s'] / 1e9:,.1f} | {100 * row['mfu']:.0f}% |")
+    return "\n".join(lines)
+
+
+def target_table(rows):
+    """Return the targets for vit_small as Markdown, or a line saying why they are missing."""
+    checks = []
+    for dtype in ("bf16", "fp32"):
+        value = ratio(rows, "vit_small", dtype, "pairs_per_s")
+        goal = TARGETS[f"speedup_{dtype}"]
+        checks.append((f"vit_small {dtype}: ours/timm pairs per second", f">= {goal:.2f}",
+                       value, None if value is None else value >= goal, "{:.2f}"))
+    for dtype in ("bf16", "fp32"):
+        value = ratio(rows, "vit_small", dtype, "peak_bytes")
+        checks.append((f"vit_small {dtype}: ours/timm peak memory", "<= 1.00",
+                       value, None if value is None else value <= 1.0, "{:.2f}"))
+    mfu = [r["mfu"] for r in rows
+           if r["config"].arch == "vit_small" and r["config"].impl == "ours"
+           and r["config"].dtype == "fp32"]
+    value = mfu[0] if mfu else None
+    checks.append(("vit_small fp32: MFU of ours", f">= {100 * TARGETS['mfu_fp32']:.0f}%",
+                   None if value is None else 100 * value,
+                   None if value is None else value >= TARGETS["mfu_fp32"], "{:.0f}%"))
+
+    lines = ["| target | goal | measured | met |", "|---|---|---|---|"]
+    for name, goal, value, met, fmt in checks:
+        shown = "not run" if value is None else fmt.format(value)
+        verdict = "" if met is None else ("yes" if met else "**no**")
+        lines.append(f"| {name} | {goal} | {shown} | {verdict} |")
+    return "\n".join(lines)
+
+
+def data_table(data, rows):
+    """Return loader pairs/s per worker beside the fastest step at the same image size."""
+    fastest = {}
+    for row in rows:
+        size = row["config"].image_size
+        fastest[size] = max(fastest.get(size, 0.0), row["pairs_per_s"])
+    lines = ["| data | px | pairs/s per worker | fastest step pairs/s | workers to keep up |",
+             "|---|---|---|---|---|"]
+    notes = []
+    for key, value in data.items():
+        if isinstance(value, str):
+            notes.append(f"{key}: {value}.")
+            continue
+        name, size = key
+        step = fastest.get(size)
+        needed = f"{math.ceil(step / value)}" if step else ""
+        step_text = f"{step:,.1f}" if step else ""
+        lines.append(f"| {name} | {size} | {value:,.1f} | {step_text} | {needed} |")
+    return "\n".join(lines + [""] + notes)
+
+
+def profile_section(profile, adamw):
+    phases = ", ".join(f"{name} {ms:,.0f} ms" for name, ms in profile["phases"].items())
+    lines = [f"Per step: {phases}; all ops' self time {profile['total_ms']:,.0f} ms.", "",
+             "| op | self CPU ms per step | share | calls per step |", "|---|---|---|---|"]
+    for row in profile["rows"]:
+        lines.append(f"| `{row['name']}` | {row['self_ms']:,.1f} | {100 * row['share']:.1f}% "
+                     f"| {row['calls']} |")
+    if adamw:
+        timings = ", ".join(f"{name} {s * 1e3:,.0f} ms" for name, s in adamw.items())
+        lines += ["", f"AdamW.step alone over the same trainable parameters (median of 5): "
+                      f"{timings}. mocov3.py uses the default."]
+    return "\n".join(lines)
+
+
+def method_section(device, peaks):
+    if device.type == "cuda":
+        memory = ("torch.cuda.max_memory_allocated from building the model to the end of its "
+                  "untimed steps, minus what was allocated before")
+    else:
+        memory = ("the peak of live CPU tensor bytes from building the model to the end of its "
+                  "untimed steps, above what was live before, read from torch.profiler's "
+                  "allocation records (`profile_memory=True`). It has the meaning of "
+                  "torch.cuda.max_memory_allocated: weights, momentum encoder, gradients, AdamW "
+                  "state, inputs and activations. It leaves out what the C allocator keeps after "
+                  "frees, oneDNN's own buffers and Python objects, so the process's resident set "
+                  "is larger")
+    implementations = "\n".join(f"  - `{name}`: {text}" for name, text in IMPLEMENTATIONS.items())
+    peak_text = ", ".join(f"{dtype} {flops / 1e9:,.0f} GFLOP/s" for dtype, flops in peaks.items())
+    return f"""\
+- **Step.** `loss = moco(x1, x2, m)` (under `torch.autocast` for bf16), then
+  `zero_grad(set_to_none=True)`, `loss.backward()` and `AdamW.step()` with the defaults, lr
+  {LEARNING_RATE} and weight decay {WEIGHT_DECAY}; m = {MOMENTUM}; fixed random inputs, so data
+  loading is not in the step. Projector and predictor are `mocov3.build_mlp` with output width
+  {OUT_DIM}, the loss is `mocov3.contrastive_loss` at T = {TEMPERATURE}, and the momentum update
+  is `mocov3.MoCo.update_momentum_encoder` in every implementation.
+- **Implementations.**
+{implementations}
+
+  The timm model is `timm.models.vision_transformer.VisionTransformer` with qkv bias, LayerNorm
+  eps 1e-6, the [CLS] token, mocov3's fixed sin-cos position embedding copied into `pos_embed`,
+  and both `pos_embed` and the patch projection frozen. Before timing, the run loads the weights
+  of ours into the timm models and checks that the loss agrees (the parity line above).
+- **Time.** The first {UNTIMED_STEPS} steps of each implementation are untimed. The timed steps
+  then go round robin over the implementations of one preset and dtype in one process, in an
+  order that rotates every round, so that load from other processes hits all of them alike. The
+  table gives the median wall-clock time (`time.perf_counter`, with `torch.cuda.synchronize` on
+  a GPU) and the min-max spread. "ours/this" is ours' pairs/s over that row's.
+- **Memory.** {memory}.
+- **FLOPs.** Per image, the ViT forward is the patch projection 2 N (3 P^2) D plus, per block,
+  24 T D^2 + 4 T^2 D (qkv, Q K^T, A V, output projection, MLP), with N patches, T = N + 1 tokens
+  and width D. The projector adds 2 (D H + H H + H C) and the predictor 2 (C H + H C), with MLP
+  width H and output width C. A step runs the base encoder, projector and predictor forward on
+  2B images and backward at twice that, except the frozen patch projection, which needs no
+  backward. The momentum encoder and its projector run forward only, under no_grad. The logits
+  of the two losses add 8 B^2 C. Elementwise work (norms, activations, softmax, AdamW, the
+  momentum update) is left out.
+- **MFU.** Model FLOP/s over the peak FLOP/s of a 4096 x 4096 matrix multiply in the same dtype:
+  the best of 5, measured before and after the steps in this run: {peak_text}.
+- **Data loading.** `mocov3.TwoViews` with `mocov3.pretrain_transforms` (crop scale from 0.2)
+  in one process with one thread, as in a DataLoader worker: decode, two augmented views,
+  normalised tensors. Collation and the transfer between processes are not included. The JPEG
+  rows read the first 2000 training images of a CIFAR-10 JPEG archive (a lossy copy of
+  CIFAR-10) into memory and decode one on every access.
+"""
+
+
+def load_average():
+    """Return the 1-minute load average, the number of runnable threads averaged by the kernel."""
+    with open("/proc/loadavg") as f:
+        return float(f.read().split()[0])
+
+
+def render_page(args, device, rows, peaks, data, profile, adamw, parity, run_info):
+    """Return the whole results page as Markdown."""
+    command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if device.type == "cuda":
+        machine = f"{torch.cuda.get_device_name(device)}; host: {machine_description()}"
+    else:
+        machine = machine_description()
+    threads = ", ".join(sorted({str(row["threads"]) for row in rows}))
+    parity_text = "; ".join(f"{arch} {diff:.1e}" for arch, diff in parity.items()) or "not run"
+    loads = run_info["load_averages"]
+
+    sections = [
+        "# Benchmarks: mocov3.py's training step against the same step on timm's ViT", "",
+        "Written by `benchmarks/benchmark.py`; rerun it to refresh this page. Timings on a shared "
+        "machine are noisy, so compare rows of one run, not numbers across runs.", "",
+        f"- Command: `{command}`",
+        f"- Date: {when}; the run took {run_info['seconds'] / 60:.1f} minutes",
+        f"- Machine: {machine}; torch used {threads} threads",
+        f"- Load average (1 minute) at the start, middle and end of the run: "
+        f"{', '.join(f'{x:.1f}' for x in loads)}. Above the core count, other processes were "
+        "competing for the cores.",
+        f"- Software: Python {platform.python_version()}, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, timm {timm.__version__}",
+        f"- mocov3.py: {mocov3_revision()}",
+        f"- Steps: {UNTIMED_STEPS} untimed, then {args.steps} timed, per configuration",
+        f"- Parity: relative loss difference of the timm steps from ours with the same weights "
+        f"(fp32): {parity_text}",
+        "",
+    ]
+    if device.type != "cuda":
+        sections += ["NOTE: GPU figures are still missing. This run had no CUDA device; on one, "
+                     "the script runs vit_small at 224 px in bf16 with `--batch-size` pairs "
+                     f"(default {CUDA_BATCH}).", ""]
+    sections += ["## Training step", "", step_table(rows), "",
+                 "## Targets for mocov3.py (vit_small, 224 px)", "", target_table(rows), ""]
+    if data:
+        sections += ["## Data loading", "", data_table(data, rows), ""]
+    if profile:
+        c = profile["config"]
+        sections += [f"## Where the time goes: ours, {c.arch}, {c.image_size} px, batch "
+                     f"{c.batch}, {c.dtype}", "",
+                     f"torch.profiler over {c.steps} steps after one untimed step; the top ops "
+                     "by self CPU time. Profiling adds overhead per op, so per-step totals are "
+                     "higher than in the table above.", "",
+                     profile_section(profile, adamw), ""]
+    sections += ["## Method", "", method_section(device, peaks)]
+    return "\n".join(sections)
+
+
+# ---------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Benchmark mocov3.py's MoCo v3 training step against the same step on timm's "
+                    "ViT: throughput, peak memory, FLOPs and MFU, data loading, and a profile.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = parser.add_argument
+    add("--archs", nargs="+", default=list(CPU_CONFIGS), choices=list(CPU_CONFIGS),
+        help="ViT presets to run (on CUDA only vit_small runs)")
+    add("--impls", nargs="+", default=["ours", "timm"], choices=list(IMPLEMENTATIONS),
+        help="implementations to run: " + "; ".join(f"{k}: {v}" for k, v in
+                                                      IMPLEMENTATIONS.items()))
+    add("--dtypes", nargs="+", choices=list(DTYPES),
+        help="precisions: fp32, and bf16 autocast (default: fp32 bf16 on CPU, bf16 on CUDA)")
+    add("--batch-size", type=int,
+        help=f"image pairs per step for every preset (default: vit_small 8 and vit_nano_cpu 256 "
+             f"on CPU, {CUDA_BATCH} on CUDA)")
+    add("--steps", type=int, default=3,
+        help=f"timed steps per configuration, after {UNTIMED_STEPS} untimed ones")
+    add("--quick", action="store_true",
+        help="1 timed step per configuration, 1 s of data loading per case, no profile")
+    add("--device", help="cpu or cuda (default: cuda if available)")
+    add("--no-profile", action="store_true", help="skip the torch.profiler summary")
+    add("--no-data", action="store_true", help="skip the data-loading measurement")
+    add("--data-root", default="data", help="folder searched for Fashion-MNIST (as mocov3.py)")
+    add("--jpeg-archive", type=Path, default=DEFAULT_JPEG_ARCHIVE,
+        help="CIFAR-10 JPEG archive (train/<class>/*.jpg in a .tar.gz); skipped if missing")
+    add("--data-seconds", type=float, default=3.0,
+        help="seconds of data loading per dataset and image size")
+    add("--output", type=Path, default=DEFAULT_OUTPUT, help="Markdown page to write")
+    add("--no-write", action="store_true", help="print the page without writing --output")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.steps, args.data_seconds, args.no_profile = 1, 1.0, True
+    if args.batch_size is not None and args.batch_size < 2:
+        parser.error(f"--batch-size {args.batch_size} must be at least 2 (BatchNorm needs it)")
+    if args.steps < 1:
+        parser.error(f"--steps {args.steps} must be at least 1")
+    if args.data_seconds <= 0:
+        parser.error(f"--data-seconds {args.data_seconds} must be positive")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    started = time.perf_counter()
+    load_averages = [load_average()]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda given, but torch.cuda.is_available() is False")
+    if args.dtypes is None:
+        args.dtypes = ["bf16"] if device.type == "cuda" else ["fp32", "bf16"]
+    configs = plan_configs(args, device)
+    if not configs:
+        sys.exit("error: no configuration selected; on CUDA only --archs vit_small runs")
+
+    # parity first: a timm model that computed something else would make every ratio moot
+    parity = {}
+    for arch in dict.fromkeys(c.arch for c in configs):
+        first = next(c for c in configs if c.arch == arch)
+        parity[arch] = check_parity(arch, first.image_size, first.mlp_dim)
+        print(f"parity {arch}: relative loss difference of timm from ours {parity[arch]:.1e}",
+              flush=True)
+
+    # the matmul peak before and after the steps, so that a busy neighbour during one
+    # measurement does not inflate MFU
+    dtypes = list(dict.fromkeys(c.dtype for c in configs))
+    peaks = {dtype: measure_matmul_peak(dtype, str(device)) for dtype in dtypes}
+    measured = {}
+    groups = {}
+    for config in configs:
+        groups.setdefault((config.arch, config.dtype), []).append(config)
+    for group in groups.values():
+        results = run_in_fresh_process(measure_group, group)
+        for config in group:
+            measured[config.impl, config.arch, config.dtype] = results[config.impl]
+            row = summarise(config, results[config.impl], peaks)
+            print(f"{config.arch} {config.impl} {config.dtype} batch {config.batch}: "
+                  f"{row['median_s'] * 1e3:,.0f} ms/step, {row['pairs_per_s']:,.1f} pairs/s, "
+                  f"peak {format_bytes(row['peak_bytes'])}", flush=True)
+    for dtype in dtypes:
+        peaks[dtype] = max(peaks[dtype], measure_matmul_peak(dtype, str(device)))
+    rows = [summarise(c, measured[c.impl, c.arch, c.dtype], peaks) for c in configs]
+    load_averages.append(load_average())
+
+    data = None
+    if not args.no_data:
+        sizes = list(dict.fromkeys(c.image_size for c in configs))
+        data = run_in_fresh_process(measure_data, sizes, args.data_root, args.jpeg_archive,
+                                    args.data_seconds)
+        print("data loading done", flush=True)
+
+    profile, adamw = None, None
+    if not args.no_profile and device.type == "cpu":
+        profiled = dataclasses.replace(configs[0], impl="ours", dtype="fp32", steps=2)
+        profile = run_in_fresh_process(profile_step, profiled) | dict(config=profiled)
+        adamw = run_in_fresh_process(time_adamw_variants, profiled.arch, profiled.mlp_dim)
+
+    load_averages.append(load_average())
+    run_info = dict(seconds=time.perf_counter() - started, load_averages=load_averages)
+    page = render_page(args, device, rows, peaks, data, profile, adamw, parity, run_info)
+    print(page)
+    if not args.no_write:
+        args.output.write_text(page)
+        print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
