@@ -40,6 +40,10 @@ class UsageError(Exception):
     """Bad input from the user: printed as one line, and the program exits with status 2."""
 
 
+class DataError(UsageError):
+    """An image file that cannot be read; it may surface on one process only."""
+
+
 # ---------------------------------------------------------------------------- Vision Transformer
 
 # Table 2 of the paper. ViT-S uses 12 heads (32 dims each) as in the paper, where DeiT-S uses 6.
@@ -443,11 +447,23 @@ def load_image_folder(path):
     loaded = {}
     for split, folder in splits.items():
         try:
-            loaded[split] = datasets.ImageFolder(folder)
+            loaded[split] = datasets.ImageFolder(folder, loader=load_image)
         except (FileNotFoundError, RuntimeError) as error:
             raise UsageError(f"--data {folder}: {error}; an ImageFolder folder holds one "
                              "subfolder of images per class") from None
     return loaded
+
+
+def load_image(path):
+    """Open an image file as RGB. A file that PIL cannot decode stops training with a DataError
+    naming it, rather than being skipped, so that no run silently trains on fewer images."""
+    from PIL import Image
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for broken files
+        raise DataError(f"cannot read image {path} ({error}); delete or replace the file, "
+                        "then resume with --resume auto") from None
 
 
 def load_datasets(args):
@@ -652,7 +668,8 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, state):
 
         state.step += 1
         seen += x1.shape[0] * state.world
-        if state.step % args.log_every == 0 or state.step == steps:
+        stopping = stop_requested()
+        if state.step % args.log_every == 0 or state.step == steps or stopping:
             loss_value = mean_over_processes(loss.detach())
             check_finite(loss_value, epoch, state.step)
             speed = seen / (time.perf_counter() - start)
@@ -661,7 +678,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, state):
             state.log(dict(epoch=epoch, step=state.step, loss=loss_value, lr=lr, momentum=m,
                            images_per_s=round(speed, 1)))
         progress.update(1)
-        if stop_requested():
+        if stopping:
             progress.close()
             return False
     progress.close()
@@ -766,17 +783,20 @@ def load_checkpoint(path):
 
 def restore(checkpoint, path, moco, optimizer, scaler, args):
     """Load model, optimizer and scaler state; a model of another shape is a UsageError."""
-    saved = checkpoint.get("config", {})
-    mismatched = [f"{key}={saved.get(key)!r} (now {getattr(args, key)!r})"
-                  for key in MODEL_KEYS if key in saved and saved[key] != getattr(args, key)]
-    if mismatched:
-        raise UsageError(f"--resume {path}: checkpoint was trained with " + ", ".join(mismatched)
-                         + "; pass the same options as that run")
-    try:
-        moco.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
-        detail = " ".join(str(error).split())
-        raise UsageError(f"--resume {path}: model does not match ({detail[:500]})") from None
+    saved, current = checkpoint["model"], moco.state_dict()
+    problems = [f"{key} {tuple(saved[key].shape)} in checkpoint, {tuple(value.shape)} here"
+                for key, value in current.items()
+                if key in saved and hasattr(saved[key], "shape") and saved[key].shape != value.shape]
+    problems += [f"{key} missing" for key in current if key not in saved]
+    problems += [f"{key} unexpected" for key in saved if key not in current]
+    if problems:
+        config = checkpoint.get("config", {})
+        was = ", ".join(f"{key}={config[key]}" for key in MODEL_KEYS if key in config)
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
+                                          else "")
+        raise UsageError(f"--resume {path}: checkpoint does not fit this model ({shown}). It was "
+                         f"trained with {was or 'unknown options'}; pass the same options")
+    moco.load_state_dict(saved)
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
 
@@ -799,6 +819,10 @@ def parse_args(argv=None):
     add = parser.add_argument
     add("--arch", default="vit_nano_cpu", help=f"ViT preset: {', '.join(ARCHS)}")
     add("--image-size", type=int, help="input image side in pixels (default: the preset's)")
+    add("--patch-size", type=int, help="patch side P in pixels (default: the preset's)")
+    add("--dim", type=int, help="ViT width D (default: the preset's; a multiple of 4 and of --heads)")
+    add("--depth", type=int, help="number of Transformer blocks (default: the preset's)")
+    add("--heads", type=int, help="attention heads per block (default: the preset's)")
     add("--learnable-patch-embed", action="store_true",
         help="train the patch projection instead of freezing it (the paper's comparison)")
     add("--data", default="fashion-mnist",
@@ -849,11 +873,11 @@ def fill_defaults(args):
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for key in ("patch_size", "dim", "depth", "heads"):
-        setattr(args, key, preset[key])
-    if args.image_size is None:
-        args.image_size = preset["image_size"]
-    positive = ("epochs", "batch_size", "lr", "image_size", "temperature", "mlp_dim", "out_dim",
+    for key in ("patch_size", "dim", "depth", "heads", "image_size"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    positive = ("epochs", "batch_size", "lr", "image_size", "patch_size", "dim", "depth", "heads",
+                "temperature", "mlp_dim", "out_dim",
                 "knn_k", "log_every", "keep_checkpoints", "eval_subset")
     for key in positive:
         if getattr(args, key) <= 0:
@@ -871,6 +895,12 @@ def fill_defaults(args):
     if args.image_size % args.patch_size:
         raise UsageError(f"--image-size {args.image_size} is not divisible by the patch size "
                          f"{args.patch_size} of {args.arch}; use a multiple of {args.patch_size}")
+    if args.dim % 4:
+        raise UsageError(f"--dim {args.dim} is not divisible by 4, which the 2D sin-cos position "
+                         "embedding needs; use a multiple of 4")
+    if args.dim % args.heads:
+        raise UsageError(f"--dim {args.dim} is not divisible by --heads {args.heads}; each head "
+                         "takes dim / heads channels")
     if args.workers < 0 or args.eval_every < 0:
         raise UsageError("--workers and --eval-every must be 0 or more")
 
@@ -984,7 +1014,7 @@ def build_eval_data(args, splits, normalization):
         if isinstance(dataset, ArrayDataset):
             dataset = ArrayDataset(dataset.images, dataset.targets, transform)
         else:
-            dataset = datasets.ImageFolder(dataset.root, transform=transform)
+            dataset = datasets.ImageFolder(dataset.root, transform=transform, loader=load_image)
         if len(dataset) > args.eval_subset:
             generator = torch.Generator().manual_seed(args.seed + 1)
             picked = torch.randperm(len(dataset), generator=generator)[:args.eval_subset]
@@ -996,7 +1026,8 @@ def build_eval_data(args, splits, normalization):
 def build_model(args, device):
     """Build MoCo on `device` with the same initial weights in every process."""
     torch.manual_seed(args.seed)
-    vit = create_vit(args.arch, image_size=args.image_size,
+    vit = create_vit(args.arch, image_size=args.image_size, patch_size=args.patch_size,
+                     dim=args.dim, depth=args.depth, heads=args.heads,
                      learnable_patch_embed=args.learnable_patch_embed)
     return MoCo(vit, dim=args.out_dim, mlp_dim=args.mlp_dim,
                 temperature=args.temperature).to(device)
@@ -1011,7 +1042,10 @@ def evaluate(moco, eval_sets, args, device, state, epoch):
 
 
 def train(args):
-    """Pretrain MoCo v3 as configured by args."""
+    """Pretrain MoCo v3 as configured by args; returns the exit status."""
+    # From here on SIGTERM and SIGINT finish the current step and write a checkpoint.
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
     device = setup_distributed(args)
     rank, world = world_info()
     output_dir = prepare_output_dir(args)
@@ -1043,8 +1077,6 @@ def train(args):
 
     if start_epoch == 0 and state.step == 0:
         evaluate(moco, eval_sets, args, device, state, epoch=0)
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
     for epoch in range(start_epoch, args.epochs):
         two_views.epoch = epoch
         sampler.set_epoch(epoch)
@@ -1071,10 +1103,14 @@ def main(argv=None):
         status = train(args)
     except (UsageError, TrainingError) as error:
         # Bad input and a non-finite (all-reduced) loss are the same on every process, so rank 0
-        # alone prints them. RANK is read from torchrun's environment because the error may
-        # come before the process group exists.
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {error}", file=sys.stderr)
+        # alone prints them; an unreadable image may be met by one process only. RANK is read
+        # from torchrun's environment because the error may come before the process group.
+        rank = int(os.environ.get("RANK", 0))
+        if rank == 0 or isinstance(error, DataError):
+            # A DataLoader worker's error arrives with the worker's traceback: keep the message.
+            message = str(error).strip().splitlines()[-1].split("Error: ", 1)[-1]
+            prefix = f"error on rank {rank}" if rank else "error"
+            print(f"{prefix}: {message}", file=sys.stderr)
         status = 2 if isinstance(error, UsageError) else 1
     finally:
         if dist.is_initialized():
