@@ -6,8 +6,8 @@ a fixed 2D sin-cos position embedding, the BatchNorm MLP projector and predictor
 encoder, the symmetric InfoNCE loss, AdamW with warmup and cosine schedules, and a weighted kNN
 monitor.
 
-    python mocov3.py                                   # classroom run: small ViT, Fashion-MNIST, CPU
-    python mocov3.py --arch vit_small --data DIR       # ViT-S/16 at 224 px on one GPU
+    python mocov3.py                              # classroom run: small ViT, Fashion-MNIST, CPU
+    python mocov3.py --arch vit_small --data DIR  # ViT-S/16 at 224 px on one GPU
     torchrun --nproc_per_node=8 mocov3.py --arch vit_small --data /path/to/imagenet
 
 `--batch-size` is the global batch over all processes. `python mocov3.py --help` lists every
@@ -786,7 +786,7 @@ def restore(checkpoint, path, moco, optimizer, scaler, args):
     saved, current = checkpoint["model"], moco.state_dict()
     problems = [f"{key} {tuple(saved[key].shape)} in checkpoint, {tuple(value.shape)} here"
                 for key, value in current.items()
-                if key in saved and hasattr(saved[key], "shape") and saved[key].shape != value.shape]
+                if key in saved and getattr(saved[key], "shape", value.shape) != value.shape]
     problems += [f"{key} missing" for key in current if key not in saved]
     problems += [f"{key} unexpected" for key in saved if key not in current]
     if problems:
@@ -820,7 +820,8 @@ def parse_args(argv=None):
     add("--arch", default="vit_nano_cpu", help=f"ViT preset: {', '.join(ARCHS)}")
     add("--image-size", type=int, help="input image side in pixels (default: the preset's)")
     add("--patch-size", type=int, help="patch side P in pixels (default: the preset's)")
-    add("--dim", type=int, help="ViT width D (default: the preset's; a multiple of 4 and of --heads)")
+    add("--dim", type=int,
+        help="ViT width D (default: the preset's); a multiple of 4 and of --heads")
     add("--depth", type=int, help="number of Transformer blocks (default: the preset's)")
     add("--heads", type=int, help="attention heads per block (default: the preset's)")
     add("--learnable-patch-embed", action="store_true",
@@ -849,7 +850,8 @@ def parse_args(argv=None):
     add("--resume", help="checkpoint to continue from, or 'auto' for the latest in --output-dir")
     add("--overwrite", action="store_true",
         help="start afresh in an --output-dir that already holds checkpoints, deleting them")
-    add("--keep-checkpoints", type=int, default=1, help="how many of the newest checkpoints to keep")
+    add("--keep-checkpoints", type=int, default=1,
+        help="how many of the newest checkpoints to keep")
     add("--seed", type=int, default=0, help="seed for weights, subset, shuffling, augmentation")
     add("--workers", type=int, default=2, help="DataLoader worker processes per training process")
     add("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
@@ -1003,7 +1005,7 @@ def build_training_data(args, splits, normalization, rank, world):
 
 
 def build_eval_data(args, splits, normalization):
-    """Return {"train", "test"} evaluation datasets (fixed subsets), or None without a test split."""
+    """Return {"train", "test"} datasets for kNN (fixed subsets); None without a test split."""
     if "test" not in splits:
         return None
     transform = eval_transform(args.image_size, NORMALIZATION[normalization],

@@ -366,7 +366,8 @@ def test_knn_hand_computed():
 
 needs_fashion_mnist = pytest.mark.skipif(
     not FASHION_MNIST.is_dir(),
-    reason=f"Fashion-MNIST not installed at {FASHION_MNIST} (apt-get install dataset-fashion-mnist)")
+    reason=f"Fashion-MNIST not installed at {FASHION_MNIST} "
+           "(apt-get install dataset-fashion-mnist)")
 
 QUICK = ["--subset", 256, "--batch-size", 64, "--eval-subset", 200, "--workers", 0,
          "--no-progress", "--log-every", 1, "--data-root", "/nonexistent-data-root"]
