@@ -21,6 +21,7 @@ import gzip
 import json
 import math
 import os
+import pickle
 import re
 import signal
 import sys
@@ -228,9 +229,9 @@ class BatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics are over the global batch of all processes.
 
     The paper's implementation normalises the projector and predictor over the whole batch
-    (SyncBatchNorm). PyTorch's SyncBatchNorm runs only on GPUs, so this one is built from
-    differentiable all-reduces and runs on gloo (CPU) and NCCL alike. In a single process it is
-    the ordinary BatchNorm1d.
+    (SyncBatchNorm). PyTorch's SyncBatchNorm rejects CPU tensors (torch 2.14), so this one is
+    built from differentiable all-reduces and runs on gloo (CPU) and NCCL alike. In a single
+    process it is the ordinary BatchNorm1d.
     """
 
     def forward(self, x):
@@ -281,7 +282,10 @@ def world_info():
 
 @torch.no_grad()
 def gather_keys(k):
-    """Concatenate k from every process in rank order: (N, C) -> (N * world, C), no gradient."""
+    """Concatenate k from every process in rank order: (N, C) -> (N * world, C), no gradient.
+
+    Every process must have the same N, which the divisible global batch and drop_last ensure.
+    """
     _, world = world_info()
     if world == 1:
         return k
@@ -633,6 +637,556 @@ def knn_top1(encoder, eval_sets, args, device):
     return 100.0 * (predictions == query_labels).float().mean().item()
 
 
+# ------------------------------------------------- linear probe, kNN and checkpoint conversion
+
+# Subcommands that read a checkpoint written by pretraining: `probe` trains a linear classifier
+# on frozen features, `knn` repeats the training-time kNN monitor, and `export` writes the
+# backbone for timm or DeiT. The model shape comes from the checkpoint's `config` entry.
+
+# Linear-probe presets. The paper's follow the official MoCo v3 ViT linear classification
+# (facebookresearch/moco-v3, main_lincls.py and CONFIG.md): 90 epochs at batch 1024 and base
+# lr 3, so a peak lr of 12, with RandomResizedCrop at torchvision's default scale (0.08, 1).
+# The CPU presets are ours, for 28-32 px images. Their 10 epochs cost about a third of the 4
+# epochs of CPU pretraining, because the probe passes each image forward once per epoch where
+# pretraining spends about 8 forward passes' worth per image and epoch. Base lr 0.1 comes from
+# one sweep (0.03 to 3) on a vit_nano_cpu pretrained for 1 epoch and probed on 2048
+# Fashion-MNIST images for 5 epochs. Without --probe-bn, 0.1 was best and 3 diverged. With it,
+# 0.3 was best, at 50% top-1 against 45% at 0.1. Crops start at 0.2 of the area, as in CPU
+# pretraining, because 8% of a 28 px image is an 8 px square.
+PROBE_PAPER_DEFAULTS = dict(epochs=90, batch_size=1024, lr=3.0, crop_min=0.08)
+PROBE_CPU_DEFAULTS = dict(epochs=10, batch_size=256, lr=0.1, crop_min=0.2)
+
+# Options that default to the checkpoint's pretraining value, and the value when it has none.
+DEFAULTS_FROM_CHECKPOINT = dict(data="fashion-mnist", data_root="./data", seed=0,
+                                eval_subset=10000, knn_k=200)
+
+
+def read_checkpoint(path):
+    """Load a pretraining checkpoint for evaluation; return (checkpoint, its config)."""
+    if not Path(path).is_file():
+        raise UsageError(f"--checkpoint {path}: no such file; pass a checkpoint-epoch*.pth "
+                         "file written by pretraining")
+    checkpoint = load_checkpoint(path, option="--checkpoint")
+    config = checkpoint.get("config")
+    absent = [key for key in MODEL_KEYS if not isinstance(config, dict) or key not in config]
+    if absent:
+        raise UsageError(f"--checkpoint {path}: its 'config' entry lacks {', '.join(absent)}, "
+                         "so the model shape is unknown; pass a checkpoint written by mocov3.py")
+    return checkpoint, config
+
+
+def compare_state_dicts(found, expected):
+    """Compare state dicts: return (missing keys, unexpected keys, shape mismatches) of `found`."""
+    missing = [key for key in expected if key not in found]
+    unexpected = [key for key in found if key not in expected]
+    mismatched = []
+    for key, value in expected.items():
+        shape = tuple(getattr(found.get(key), "shape", ()))
+        if key in found and shape != tuple(value.shape):
+            mismatched.append(f"{key} {shape} in the file, {tuple(value.shape)} here")
+    return missing, unexpected, mismatched
+
+
+def describe_keys(label, keys, limit=5):
+    """Format a list of keys for an error message: the first `limit` and a count of the rest."""
+    shown = ", ".join(keys[:limit])
+    if len(keys) > limit:
+        shown += f" and {len(keys) - limit} more"
+    return f"{label}: {shown}"
+
+
+def describe_problems(missing, unexpected, mismatched):
+    """Format the lists of compare_state_dicts as one clause each, joined by semicolons."""
+    parts = [describe_keys(label, keys) for label, keys in
+             (("shape mismatch", mismatched), ("missing", missing), ("unexpected", unexpected))
+             if keys]
+    return "; ".join(parts)
+
+
+def model_from_checkpoint(checkpoint, config, path, device):
+    """Build MoCo with the shape in the checkpoint's config and load the checkpoint's weights."""
+    shape = argparse.Namespace(**{key: config[key] for key in MODEL_KEYS})
+    shape.learnable_patch_embed = bool(config.get("learnable_patch_embed", False))
+    shape.temperature = config.get("temperature", 0.2)  # only used by the pretraining loss
+    shape.seed = 0  # the initial weights are replaced by the checkpoint's
+    moco = build_model(shape, device)
+    saved = checkpoint["model"]
+    problems = describe_problems(*compare_state_dicts(saved, moco.state_dict()))
+    if problems:
+        raise UsageError(f"--checkpoint {path}: its weights do not match the model in its own "
+                         f"config ({problems}); the file is damaged or was edited")
+    moco.load_state_dict(saved)
+    return moco
+
+
+# Our ViT's module names follow timm's VisionTransformer, so the state dicts differ in two ways
+# only: timm's patch projection is a Conv2d with weight (D, 3, P, P) where ours is a Linear with
+# weight (D, 3*P*P) in the same (channel, row, column) order, and timm's `head` is a classifier
+# where ours is the projector. Checked against timm 1.0.31 by test_evaluation.py.
+
+def timm_vit_config(vit):
+    """Return keyword arguments for timm's VisionTransformer with our ViT's shape."""
+    # NOTE: timm's vit_small_patch16_224 has 6 heads and ours has 12. The weight shapes are the
+    # same, so a 6-head model loads our weights without error but computes other features.
+    # Build it with the num_heads returned here.
+    return dict(img_size=vit.image_size, patch_size=vit.patch_size, embed_dim=vit.dim,
+                depth=len(vit.blocks), num_heads=vit.blocks[0].attn.heads,
+                mlp_ratio=vit.blocks[0].mlp.fc1.out_features / vit.dim, qkv_bias=True,
+                class_token=True, global_pool="token", num_classes=0)
+
+
+def export_timm_state_dict(vit):
+    """Convert our ViT's weights to a state dict of timm's VisionTransformer, without `head.*`.
+
+    DeiT fine-tunes from the same format, stored under a "model" key. The fixed sin-cos
+    position embedding is included as `pos_embed`, which timm treats as a learnable parameter.
+    """
+    state = {}
+    for key, value in vit.state_dict().items():
+        if key.startswith("head."):
+            continue
+        if key == "patch_embed.proj.weight":
+            p = vit.patch_size
+            value = value.reshape(value.shape[0], 3, p, p)  # (D, 3*P*P) -> (D, 3, P, P)
+        state[key] = value.detach().clone()
+    return state
+
+
+def import_timm_state_dict(vit, state_dict):
+    """Load a state dict of timm's VisionTransformer (or DeiT) into our ViT, ignoring `head.*`.
+
+    Keys and shapes must match exactly; anything else is a UsageError that lists them.
+    """
+    converted = {}
+    for key, value in state_dict.items():
+        if key.startswith("head."):
+            continue
+        if key == "patch_embed.proj.weight" and value.dim() == 4:
+            value = value.flatten(1)  # (D, 3, P, P) -> (D, 3*P*P)
+        converted[key] = value
+    expected = {key: value for key, value in vit.state_dict().items()
+                if not key.startswith("head.")}
+    problems = describe_problems(*compare_state_dicts(converted, expected))
+    if problems:
+        # NOTE: no interpolation of pos_embed, so the image and patch sizes must be the file's.
+        raise UsageError(f"timm state dict does not match this ViT ({problems}); build the ViT "
+                         "with the image size, patch size, width, depth and heads of the file")
+    vit.load_state_dict(converted, strict=False)  # strict would require our head's keys
+
+
+def error_summary(error):
+    """Return the first line of an exception's message, without terminal colour codes."""
+    # torch.load's messages run over many lines, and main() prints only one line per error.
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+def read_official_state_dict(path):
+    """Load the `state_dict` of an official MoCo v3 `.pth.tar` with torch.load(weights_only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"official checkpoint {path}: no such file; pass a pretraining "
+                         ".pth.tar of the official MoCo v3 release, such as vit-s-300ep.pth.tar")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UsageError(
+            f"official checkpoint {path}: torch.load(weights_only=True) rejected it, because "
+            "it contains Python objects other than tensors or is not a PyTorch file. If it comes "
+            "from a source you trust, save its tensors with torch.save(torch.load(PATH, "
+            "weights_only=False)['state_dict'], NEW) and pass NEW") from None
+    except Exception as error:  # truncated zip, not a PyTorch file
+        raise UsageError(f"official checkpoint {path}: not a readable PyTorch file "
+                         f"({error_summary(error)})") from None
+    # Released pretraining files are {"epoch", "arch", "state_dict", "optimizer", ...}. A bare
+    # state dict, as the message above suggests saving, is accepted too.
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UsageError(f"official checkpoint {path}: no 'state_dict' of tensors; pass a "
+                         "pretraining .pth.tar of the official MoCo v3 release")
+    return state
+
+
+def load_official_checkpoint(path, moco, strict=True):
+    """Load a pretraining `.pth.tar` of the official MoCo v3 code into `moco`.
+
+    Returns (missing, unexpected), with keys named as in the file ("module.base_encoder...").
+    A shape mismatch raises UsageError. With strict=True, so does a missing or unexpected key.
+    With strict=False, every matching tensor is loaded and the caller reports the two lists.
+    """
+    state = read_official_state_dict(path)
+    # The file's keys are ours behind DistributedDataParallel's "module." prefix.
+    prefix = "module." if any(key.startswith("module.") for key in state) else ""
+    converted, file_keys = {}, {}
+    for key, value in state.items():
+        name = key.removeprefix(prefix)
+        if name.endswith("patch_embed.proj.weight") and value.dim() == 4:
+            value = value.flatten(1)  # timm's conv (D, 3, P, P) -> our linear (D, 3*P*P)
+        converted[name], file_keys[name] = value, key
+    missing, unexpected, mismatched = compare_state_dicts(converted, moco.state_dict())
+    missing = [prefix + name for name in missing]
+    unexpected = [file_keys[name] for name in unexpected]
+    problems = describe_problems(missing, unexpected, mismatched)
+    if mismatched or (strict and problems):
+        raise UsageError(f"official checkpoint {path} does not match this model ({problems}); "
+                         "build the model with the file's arch, --mlp-dim and --out-dim")
+    moco.load_state_dict({name: value for name, value in converted.items()
+                          if name in moco.state_dict()}, strict=False)
+    return missing, unexpected
+
+
+def with_transform(dataset, transform):
+    """Return a shallow copy of an ArrayDataset or ImageFolder that applies `transform`."""
+    dataset = copy.copy(dataset)
+    dataset.transform = transform
+    return dataset
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """Item i of `dataset`, with its random augmentation seeded by (seed, epoch, i) alone.
+
+    As with TwoViews in pretraining, the crops and flips then do not depend on the number of
+    processes or DataLoader workers.
+    """
+
+    def __init__(self, dataset, seed):
+        self.dataset, self.seed = dataset, seed
+        self.epoch = 0
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
+            return self.dataset[index]
+
+
+def fixed_subset(dataset, size, seed):
+    """Pick a fixed random subset of `size` items, or return all when size is None or larger."""
+    if size is None or size >= len(dataset):
+        return dataset
+    generator = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(dataset), generator=generator)[:size]
+    return torch.utils.data.Subset(dataset, sorted(picked.tolist()))
+
+
+def probe_transform(image_size, crop_min, normalization):
+    """Build the probe's training augmentation: random resized crop and horizontal flip."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(crop_min, 1.0)),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(*normalization),
+    ])
+
+
+def build_probe_data(args):
+    """Return (augmented train set, test set with the eval transform, number of classes)."""
+    splits, normalization = load_datasets(args)
+    if "test" not in splits:
+        raise UsageError(f"--data {args.data}: no val/ or test/ folder to test the probe on")
+    targets = list(splits["train"].targets) + list(splits["test"].targets)
+    num_classes = max(targets) + 1
+    mean_std = NORMALIZATION[normalization]
+    train = with_transform(splits["train"],
+                           probe_transform(args.image_size, args.crop_min, mean_std))
+    test = with_transform(splits["test"], eval_transform(args.image_size, mean_std,
+                                                         resize_crop=args.image_size >= 128))
+    # The seeds are those of pretraining's subset (seed) and of the kNN test images (seed + 1).
+    return (fixed_subset(train, args.subset, args.seed),
+            fixed_subset(test, args.test_subset, args.seed + 1), num_classes)
+
+
+def build_classifier(dim, num_classes, probe_bn):
+    """Build a linear classifier of [CLS] features, optionally after a BatchNorm without affine."""
+    linear = nn.Linear(dim, num_classes)
+    # N(0, 0.01^2) weights and zero bias, as the official MoCo v3 linear classification.
+    nn.init.normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    if not probe_bn:
+        return nn.Sequential(linear)
+    # In eval mode this BatchNorm is a fixed affine map, so the probe stays linear. Our
+    # BatchNorm1d takes its statistics over all processes, as one process would.
+    return nn.Sequential(BatchNorm1d(dim, affine=False), linear)
+
+
+def probe_loader(train_set, args, rank, world):
+    """Build the sampler and shuffled loader of this process's share, in full batches only."""
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=args.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=args.batch_size // world, sampler=sampler,
+        num_workers=args.workers, drop_last=True, pin_memory=torch.cuda.is_available())
+    if len(loader) == 0:
+        raise UsageError(f"{len(train_set)} training images are fewer than one --batch-size "
+                         f"{args.batch_size}; lower --batch-size or raise --subset")
+    return sampler, loader
+
+
+def train_probe_epoch(backbone, model, loader, optimizer, epoch, args, device):
+    """Train the classifier (`model`, maybe DDP-wrapped) for one epoch; return the mean loss."""
+    rank, _ = world_info()
+    steps = len(loader)
+    peak = args.lr * args.batch_size / 256  # linear scaling rule, as in pretraining
+    model.train()
+    total = torch.zeros((), device=device)
+    progress = tqdm(loader, desc=f"probe epoch {epoch + 1}/{args.epochs}", leave=False,
+                    disable=rank != 0 or args.no_progress, dynamic_ncols=True)
+    for step, (images, labels) in enumerate(progress):
+        # Half-cycle cosine from the peak to zero without warmup, set every step (the official
+        # code sets it once per epoch).
+        lr = peak * 0.5 * (1.0 + math.cos(math.pi * (epoch + step / steps) / args.epochs))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        # Frozen features: no graph is built through the backbone.
+        with torch.no_grad(), autocast(args, device):
+            features = backbone.forward_features(images.to(device, non_blocking=True))  # (B, D)
+        logits = model(features.float())  # (B, classes), in fp32
+        loss = F.cross_entropy(logits, labels.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.detach()
+    progress.close()
+    return mean_over_processes(total / steps)
+
+
+@torch.no_grad()
+def probe_top1(backbone, classifier, dataset, args, device):
+    """Compute the classifier's top-1 (%) on `dataset`, each image classified by one process."""
+    # This repeats extract_features' contiguous shares, because the classifier takes raw
+    # features and extract_features returns L2-normalised ones.
+    rank, world = world_info()
+    share = math.ceil(len(dataset) / world)
+    indices = range(rank * share, min((rank + 1) * share, len(dataset)))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+                                         batch_size=256, num_workers=args.workers)
+    classifier.eval()
+    predictions = [torch.zeros(0, dtype=torch.long, device=device)]
+    labels = [torch.zeros(0, dtype=torch.long, device=device)]
+    for images, targets in loader:
+        with autocast(args, device):
+            features = backbone.forward_features(images.to(device))  # (B, D)
+        predictions.append(classifier(features.float()).argmax(dim=1))
+        labels.append(targets.to(device))
+    predictions = gather_shares(torch.cat(predictions), share)
+    labels = gather_shares(torch.cat(labels), share)
+    return 100.0 * (predictions == labels).float().mean().item()
+
+
+def linear_probe(backbone, train_set, test_set, num_classes, args, device):
+    """Train a linear classifier on frozen [CLS] features; return (test top-1 %, classifier).
+
+    The backbone is left frozen (requires_grad False) and in eval mode, so neither its weights
+    nor its buffers change. `args` needs epochs, batch_size, lr, probe_bn, seed, workers, amp
+    and no_progress.
+    """
+    rank, world = world_info()
+    backbone.requires_grad_(False)
+    backbone.eval()
+    torch.manual_seed(args.seed)
+    classifier = build_classifier(backbone.dim, num_classes, args.probe_bn).to(device)
+    model = classifier
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            classifier, device_ids=[device.index] if device.type == "cuda" else None)
+    train_set = SeededItems(train_set, args.seed)
+    sampler, loader = probe_loader(train_set, args, rank, world)
+    # SGD with momentum 0.9 and no weight decay, as the official linear classification.
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=0.0, momentum=0.9, weight_decay=0.0)
+
+    for epoch in range(args.epochs):
+        train_set.epoch = epoch
+        sampler.set_epoch(epoch)
+        start = time.perf_counter()
+        loss = train_probe_epoch(backbone, model, loader, optimizer, epoch, args, device)
+        if not math.isfinite(loss):
+            raise TrainingError(f"probe loss is {loss} in epoch {epoch + 1}; lower --lr")
+        speed = len(loader) * args.batch_size / (time.perf_counter() - start)
+        print_main(f"probe epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, "
+                   f"{speed:.0f} images/s")
+    return probe_top1(backbone, classifier, test_set, args, device), classifier
+
+
+def print_main(message):
+    """Print from rank 0 only; every process computes the same result."""
+    if world_info()[0] == 0:
+        tqdm.write(message)
+
+
+def append_result(args, name, record):
+    """Append `record` as one JSON line to --output-dir/name from rank 0 (no-op without it)."""
+    if args.output_dir is None or world_info()[0] != 0:
+        return
+    folder = Path(args.output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def add_evaluation_options(parser):
+    """Add the options that `probe` and `knn` share."""
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="checkpoint-epoch*.pth written by pretraining")
+    add("--data", help="fashion-mnist, cifar10, cifar100, or a folder holding train/ and val/ "
+                       "or test/ in ImageFolder layout (default: the checkpoint's)")
+    add("--data-root", help="folder for the named datasets (default: the checkpoint's)")
+    add("--workers", type=int, default=2,
+        help="DataLoader worker processes per process (default: %(default)s)")
+    add("--seed", type=int, help="seed of the image subsets, shuffling and classifier "
+                                 "initialisation (default: the checkpoint's)")
+    add("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+        help="mixed precision of the backbone, as in pretraining (default: %(default)s)")
+    add("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    add("--backend", help="torch.distributed backend under torchrun (default: nccl on GPUs, "
+                          "gloo on CPUs)")
+    add("--output-dir", help="folder where the result is appended as one JSON line to "
+                             "probe.jsonl or knn.jsonl (default: print only)")
+
+
+def parse_knn_args(argv):
+    """Parse the options of `python mocov3.py knn`."""
+    parser = argparse.ArgumentParser(
+        prog="mocov3.py knn",
+        description="Weighted kNN top-1 of a checkpoint's base encoder, computed as the "
+                    "training-time monitor does. With the defaults it reproduces the monitor's "
+                    "number for the same weights.")
+    add_evaluation_options(parser)
+    parser.add_argument("--eval-subset", type=int,
+                        help="at most this many train images (the bank) and test images (the "
+                             "queries) (default: the checkpoint's)")
+    parser.add_argument("--knn-k", type=int, help="neighbours k (default: the checkpoint's)")
+    return parser.parse_args(argv)
+
+
+def parse_probe_args(argv):
+    """Parse the options of `python mocov3.py probe`."""
+    parser = argparse.ArgumentParser(
+        prog="mocov3.py probe",
+        description="Linear probe of a checkpoint: train a linear classifier on the frozen base "
+                    "encoder's [CLS] features with SGD (momentum 0.9, no weight decay, cosine "
+                    "learning rate) and report its top-1 on the test split. Defaults marked "
+                    "CPU/paper depend on the checkpoint's arch (*_cpu presets or not).")
+    add_evaluation_options(parser)
+    add = parser.add_argument
+    add("--epochs", type=int, help="training epochs (default: CPU 10, paper 90)")
+    add("--batch-size", type=int, help="global batch in images, over all processes "
+                                       "(default: CPU 256, paper 1024)")
+    add("--lr", type=float, help="base learning rate per 256 images: the peak is lr * batch / "
+                                 f"256 (default: CPU {PROBE_CPU_DEFAULTS['lr']}, paper 3)")
+    add("--crop-min", type=float, help="smallest random-resized-crop scale, a fraction of the "
+                                       "area (default: CPU 0.2, paper 0.08)")
+    add("--probe-bn", action="store_true",
+        help="put a BatchNorm without affine parameters before the classifier. It standardises "
+             "each feature, so the best learning rate depends less on the backbone's feature "
+             "scale, and in eval mode it is a fixed affine map, so the probe stays linear. The "
+             "ViT linear probe of MAE (He, Chen, Xie et al., 2022) uses it")
+    add("--subset", type=int, help="train on a fixed random subset of this many train images "
+                                   "(default: all)")
+    add("--test-subset", type=int, help="test on a fixed random subset of this many test "
+                                        "images (default: all)")
+    add("--no-progress", action="store_true", help="no tqdm progress bar")
+    return parser.parse_args(argv)
+
+
+def check_evaluation_args(args, config, positive):
+    """Fill options left unset from the checkpoint's config, then validate them."""
+    for key, fallback in DEFAULTS_FROM_CHECKPOINT.items():
+        if hasattr(args, key) and getattr(args, key) is None:
+            setattr(args, key, config.get(key, fallback))
+    args.image_size = config["image_size"]
+    for key in positive:
+        value = getattr(args, key)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{key.replace('_', '-')} {value} must be positive")
+    if args.workers < 0:
+        raise UsageError(f"--workers {args.workers} must be 0 or more")
+    if args.output_dir is not None and Path(args.output_dir).is_file():
+        raise UsageError(f"--output-dir {args.output_dir} is a file; pass a folder")
+
+
+def run_knn(argv):
+    """Run `python mocov3.py knn`: kNN top-1 of a checkpoint; return the exit status."""
+    args = parse_knn_args(argv)
+    checkpoint, config = read_checkpoint(args.checkpoint)
+    check_evaluation_args(args, config, positive=("eval_subset", "knn_k"))
+    device = setup_distributed(args)
+    moco = model_from_checkpoint(checkpoint, config, args.checkpoint, device)
+    splits, normalization = load_datasets(args)
+    eval_sets = build_eval_data(args, splits, normalization)
+    if eval_sets is None:
+        raise UsageError(f"--data {args.data}: no val/ or test/ folder for the kNN queries")
+
+    top1 = knn_top1(moco.base_encoder, eval_sets, args, device)
+    print_main(f"kNN top-1 {top1:.2f}% (k={args.knn_k}, {len(eval_sets['train'])} bank and "
+               f"{len(eval_sets['test'])} query images) of {args.checkpoint}")
+    append_result(args, "knn.jsonl", dict(
+        checkpoint=str(args.checkpoint), knn_top1=top1, knn_k=args.knn_k, data=args.data,
+        eval_subset=args.eval_subset, seed=args.seed))
+    return 0
+
+
+def run_probe(argv):
+    """Run `python mocov3.py probe`: linear probe of a checkpoint; return the exit status."""
+    args = parse_probe_args(argv)
+    checkpoint, config = read_checkpoint(args.checkpoint)
+    preset = PROBE_CPU_DEFAULTS if config["arch"].endswith("_cpu") else PROBE_PAPER_DEFAULTS
+    for key, value in preset.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    check_evaluation_args(args, config, positive=("epochs", "batch_size", "lr", "subset",
+                                                  "test_subset"))
+    if not 0 < args.crop_min <= 1:
+        raise UsageError(f"--crop-min {args.crop_min} must be in (0, 1]")
+    device = setup_distributed(args)
+    _, world = world_info()
+    if args.batch_size % world:
+        raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} "
+                         "processes; each process takes batch / processes images")
+    moco = model_from_checkpoint(checkpoint, config, args.checkpoint, device)
+    train_set, test_set, num_classes = build_probe_data(args)
+
+    top1, _ = linear_probe(moco.base_encoder, train_set, test_set, num_classes, args, device)
+    print_main(f"linear probe top-1 {top1:.2f}% ({len(train_set)} train and {len(test_set)} "
+               f"test images, {args.epochs} epochs) of {args.checkpoint}")
+    append_result(args, "probe.jsonl", dict(
+        checkpoint=str(args.checkpoint), probe_top1=top1, data=args.data, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, crop_min=args.crop_min, probe_bn=args.probe_bn,
+        train_images=len(train_set), test_images=len(test_set), seed=args.seed))
+    return 0
+
+
+def run_export(argv):
+    """Run `python mocov3.py export`: write the backbone for timm or DeiT; return 0."""
+    parser = argparse.ArgumentParser(
+        prog="mocov3.py export",
+        description="Write the base encoder's ViT of a checkpoint as a state dict of timm's "
+                    "VisionTransformer, under a 'model' key as DeiT's fine-tuning reads it. The "
+                    "projector (head.*) is left out.")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint-epoch*.pth written by pretraining")
+    parser.add_argument("--out", required=True, help="file to write, such as vit.pth")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if out.is_dir() or not out.parent.is_dir():
+        raise UsageError(f"--out {out}: not a file in an existing folder; pass a path such as "
+                         "runs/vit.pth whose folder exists")
+    checkpoint, config = read_checkpoint(args.checkpoint)
+    moco = model_from_checkpoint(checkpoint, config, args.checkpoint, torch.device("cpu"))
+    vit = moco.base_encoder
+
+    torch.save({"model": export_timm_state_dict(vit)}, out)
+    arguments = ", ".join(f"{key}={value!r}" for key, value in timm_vit_config(vit).items())
+    print(f"wrote {out}; in timm, load its 'model' entry into "
+          f"timm.models.vision_transformer.VisionTransformer({arguments})")
+    return 0
+
+
+COMMANDS = {"probe": run_probe, "knn": run_knn, "export": run_export}
+
+
 # ------------------------------------------------------------------------------------ training
 
 def autocast(args, device):
@@ -765,37 +1319,31 @@ def plain_config(args):
 MODEL_KEYS = ("arch", "image_size", "patch_size", "dim", "depth", "heads", "mlp_dim", "out_dim")
 
 
-def load_checkpoint(path):
-    """Load a checkpoint safely (weights_only); a bad file is a UsageError naming it."""
+def load_checkpoint(path, option="--resume"):
+    """Load a checkpoint safely (weights_only); a bad file is a UsageError naming it and option."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"--resume {path}: no such file; pass a checkpoint-epoch*.pth file, "
+        raise UsageError(f"{option} {path}: no such file; pass a checkpoint-epoch*.pth file, "
                          "or 'auto' to take the latest one in --output-dir")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle of arbitrary objects, not a torch file
-        raise UsageError(f"--resume {path}: not a readable checkpoint ({error}); "
+        raise UsageError(f"{option} {path}: not a readable checkpoint ({error_summary(error)}); "
                          "pass a checkpoint written by mocov3.py") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
-        raise UsageError(f"--resume {path}: not a mocov3.py checkpoint (no 'model' entry)")
+        raise UsageError(f"{option} {path}: not a mocov3.py checkpoint (no 'model' entry)")
     return checkpoint
 
 
 def restore(checkpoint, path, moco, optimizer, scaler, args):
     """Load model, optimizer and scaler state; a model of another shape is a UsageError."""
-    saved, current = checkpoint["model"], moco.state_dict()
-    problems = [f"{key} {tuple(saved[key].shape)} in checkpoint, {tuple(value.shape)} here"
-                for key, value in current.items()
-                if key in saved and getattr(saved[key], "shape", value.shape) != value.shape]
-    problems += [f"{key} missing" for key in current if key not in saved]
-    problems += [f"{key} unexpected" for key in saved if key not in current]
+    saved = checkpoint["model"]
+    problems = describe_problems(*compare_state_dicts(saved, moco.state_dict()))
     if problems:
         config = checkpoint.get("config", {})
         was = ", ".join(f"{key}={config[key]}" for key in MODEL_KEYS if key in config)
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5
-                                          else "")
-        raise UsageError(f"--resume {path}: checkpoint does not fit this model ({shown}). It was "
-                         f"trained with {was or 'unknown options'}; pass the same options")
+        raise UsageError(f"--resume {path}: checkpoint does not fit this model ({problems}). It "
+                         f"was trained with {was or 'unknown options'}; pass the same options")
     moco.load_state_dict(saved)
     optimizer.load_state_dict(checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint["scaler"])
@@ -810,12 +1358,26 @@ CPU_DEFAULTS = dict(batch_size=256, lr=1.5e-3, epochs=4, warmup_epochs=1, crop_m
                     mlp_dim=1024, temperature=0.2, weight_decay=0.1, moco_m=0.99, knn_k=200)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: X)" only for options whose default is a value, not None or False."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description="MoCo v3 self-supervised pretraining of a Vision Transformer. Options shown "
                     "with 'preset' take the arch's default: the paper's for vit_small/base/"
                     "large/huge, CPU-sized ones for the *_cpu presets (see README).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Subcommands that read a checkpoint of this pretraining: 'mocov3.py probe "
+               "--checkpoint PATH' trains and tests a linear classifier on frozen features, "
+               "'mocov3.py knn --checkpoint PATH' reports kNN top-1 as the training-time "
+               "monitor does, and 'mocov3.py export --checkpoint PATH --out FILE' writes the "
+               "backbone as a timm/DeiT state dict. Add --help after a subcommand for its options.",
+        formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--arch", default="vit_nano_cpu", help=f"ViT preset: {', '.join(ARCHS)}")
     add("--image-size", type=int, help="input image side in pixels (default: the preset's)")
@@ -952,7 +1514,7 @@ class RunState:
 
 
 def prepare_output_dir(args):
-    """Pick the output folder and protect an earlier run's checkpoints in it."""
+    """Pick the output folder and check it against --resume and --overwrite; writes nothing."""
     rank, world = world_info()
     if args.output_dir is None:
         stamp = [datetime.datetime.now().strftime("%Y%m%d-%H%M%S")]
@@ -969,13 +1531,22 @@ def prepare_output_dir(args):
         raise UsageError(f"--output-dir {output_dir} already holds checkpoints of a run "
                          f"({existing[-1].name}); pass --resume auto to continue it, "
                          "--overwrite to start afresh, or another --output-dir")
-    if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        if args.overwrite and args.resume is None:
-            for path in existing:
-                path.unlink()
-            (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     return output_dir
+
+
+def create_output_dir(output_dir, args):
+    """Create the output folder; with --overwrite, delete the earlier run's files first.
+
+    Called once data, model and checkpoint have loaded, so that a run failing on bad input
+    leaves an earlier run's results as they were.
+    """
+    if world_info()[0] != 0:
+        return
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.overwrite and args.resume is None:
+        for path in list_checkpoints(output_dir):
+            path.unlink()
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
 def build_training_data(args, splits, normalization, rank, world):
@@ -1074,6 +1645,7 @@ def train(args):
             raise UsageError(f"--resume {args.resume}: stopped mid-epoch with "
                              f"{checkpoint.get('world_size')} processes; resume it with as many")
         state.print(f"resumed from {args.resume} at epoch {start_epoch}, step {state.step}")
+    create_output_dir(output_dir, args)
     state.print(f"MoCo v3 {args.arch}, {len(two_views)} images, global batch {args.batch_size} "
                 f"on {world} process(es), {device}, amp {args.amp}; output in {output_dir}")
 
@@ -1100,20 +1672,37 @@ def train(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_args(argv)
-        status = train(args)
+        # A first word probe, knn or export picks that subcommand; otherwise this is pretraining.
+        if argv and argv[0] in COMMANDS:
+            status = COMMANDS[argv[0]](argv[1:])
+        else:
+            args = parse_args(argv)
+            status = train(args)
     except (UsageError, TrainingError) as error:
         # Bad input and a non-finite (all-reduced) loss are the same on every process, so rank 0
         # alone prints them; an unreadable image may be met by one process only. RANK is read
         # from torchrun's environment because the error may come before the process group.
         rank = int(os.environ.get("RANK", 0))
         if rank == 0 or isinstance(error, DataError):
-            # A DataLoader worker's error arrives with the worker's traceback: keep the message.
-            message = str(error).strip().splitlines()[-1].split("Error: ", 1)[-1]
+            # A DataLoader worker's error arrives as the worker's traceback, whose last line is
+            # "mocov3.DataError: message": keep the message.
+            lines = str(error).strip().splitlines()
+            message = lines[0] if len(lines) == 1 else re.sub(r"^[\w.]+: ", "", lines[-1])
             prefix = f"error on rank {rank}" if rank else "error"
             print(f"{prefix}: {message}", file=sys.stderr)
         status = 2 if isinstance(error, UsageError) else 1
+    except RuntimeError as error:
+        # Another process failed and closed its connections (gloo raises a RuntimeError that
+        # says so, NCCL a DistError): that process's own message says why, so this one reports
+        # the lost peer in one line instead of a traceback. Other errors keep their traceback.
+        if not (isinstance(error, dist.DistError) or "closed by peer" in str(error)):
+            raise
+        rank = int(os.environ.get("RANK", 0))
+        first_line = str(error).strip().splitlines()[0][:200]
+        print(f"rank {rank} stopped: another process failed ({first_line})", file=sys.stderr)
+        status = 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

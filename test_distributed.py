@@ -267,3 +267,29 @@ def test_normalized_features_shape():
     assert features.shape == (5, 128)
     torch.testing.assert_close(features.norm(dim=1), torch.ones(5))
     assert F.cosine_similarity(features[0], features[1], dim=0) > 0.999
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_error_on_one_rank_ends_all(tmp_path):
+    from PIL import Image
+    root = tmp_path / "images"
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (28, 28), (100 * c, 20 * i, 50)).save(root / f"class{c}" / f"{i}.png")
+    # ImageFolder orders class0/0..7 then class1/0..7; break an image that only rank 1 loads.
+    sampler = mocov3.EpochSampler(list(range(16)), batch_per_rank=4, rank=1, world=2, seed=0)
+    index = list(sampler)[0]
+    broken = root / f"class{index // 8}" / f"{index % 8}.png"
+    broken.write_bytes(b"not a png")
+
+    torchrun = ["torchrun", "--nproc_per_node=2", "--master_port", free_port(),
+                HERE / "mocov3.py"]
+    result = run(torchrun + ["--data", root, "--batch-size", 8, "--epochs", 1, "--workers", 0,
+                             "--no-progress", "--output-dir", tmp_path / "out"], timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count(f"error on rank 1: cannot read image {broken}") == 1
+    assert "rank 0 stopped: another process failed" in result.stderr
+    # torchrun prints its own summary, but neither training process prints a traceback.
+    assert "[rank0]: Traceback" not in result.stderr
+    assert "[rank1]: Traceback" not in result.stderr

@@ -182,8 +182,23 @@ def test_rejects_output_dir_with_checkpoints(tmp_path):
         mocov3.prepare_output_dir(args)
     assert path.exists()
     args = mocov3.parse_args(["--output-dir", str(tmp_path), "--overwrite"])
-    mocov3.prepare_output_dir(args)
+    output_dir = mocov3.prepare_output_dir(args)
+    assert path.exists()  # nothing is deleted until the new run has loaded
+    mocov3.create_output_dir(output_dir, args)
     assert not path.exists()
+
+
+def test_failed_overwrite_keeps_earlier_run(tmp_path):
+    path, _ = saved_checkpoint(tmp_path, epoch=1)
+    result = run_cli("--output-dir", tmp_path, "--overwrite", "--data", tmp_path / "missing")
+    assert_one_line_error(result, "missing")
+    assert path.exists()
+
+
+def test_failed_run_creates_no_output_dir(tmp_path):
+    result = run_cli("--output-dir", tmp_path / "out", "--data", tmp_path / "missing")
+    assert_one_line_error(result, "missing")
+    assert not (tmp_path / "out").exists()
 
 
 # ------------------------------------------------------------------------------ fail clearly
@@ -285,7 +300,7 @@ def test_error_checkpoint_of_other_width(tmp_path):
     with pytest.raises(mocov3.UsageError) as error:
         mocov3.restore(mocov3.load_checkpoint(path), path, moco, optimizer, scaler, args)
     message = str(error.value)
-    assert "base_encoder.cls_token (1, 1, 32) in checkpoint, (1, 1, 64) here" in message
+    assert "base_encoder.cls_token (1, 1, 32) in the file, (1, 1, 64) here" in message
     assert "dim=32" in message
 
 
