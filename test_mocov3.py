@@ -422,3 +422,38 @@ def test_cli_help_lists_every_option():
     for option in ("--arch", "--data", "--data-root", "--epochs", "--batch-size", "--lr",
                    "--output-dir", "--resume", "--seed", "--workers", "--subset", "--eval-every"):
         assert option in result.stdout
+
+
+def test_fashion_mnist_missing_lists_three_ways(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise RuntimeError("no network")
+
+    monkeypatch.setattr(mocov3, "DEBIAN_FASHION_MNIST", tmp_path / "no-package")
+    monkeypatch.setattr(mocov3.datasets, "FashionMNIST", offline)
+    with pytest.raises(mocov3.UsageError) as error:
+        mocov3.load_fashion_mnist(tmp_path / "empty-root")
+    message = str(error.value)
+    assert str(tmp_path / "empty-root" / "FashionMNIST" / "raw") in message
+    assert "apt-get install dataset-fashion-mnist" in message
+    assert "network access" in message
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_from_data_root_first(tmp_path):
+    import gzip
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for names in mocov3.FASHION_MNIST_FILES.values():
+        for name in names:
+            with gzip.open(FASHION_MNIST / (name + ".gz")) as f:
+                (raw / name).write_bytes(f.read())
+    # Keep 5 training images: IDX headers are a magic number, then each dimension's size.
+    labels = (raw / "train-labels-idx1-ubyte").read_bytes()
+    (raw / "train-labels-idx1-ubyte").write_bytes(
+        labels[:4] + (5).to_bytes(4, "big") + labels[8:8 + 5])
+    images = (raw / "train-images-idx3-ubyte").read_bytes()
+    (raw / "train-images-idx3-ubyte").write_bytes(
+        images[:4] + (5).to_bytes(4, "big") + images[8:16] + images[16:16 + 5 * 28 * 28])
+    splits = mocov3.load_fashion_mnist(tmp_path)
+    assert len(splits["train"]) == 5  # the copy under --data-root, not the package's 60,000
+    assert len(splits["test"]) == 10000
