@@ -455,6 +455,12 @@ def load_image_folder(path):
         except (FileNotFoundError, RuntimeError) as error:
             raise UsageError(f"--data {folder}: {error}; an ImageFolder folder holds one "
                              "subfolder of images per class") from None
+    if "test" in loaded and loaded["test"].classes != loaded["train"].classes:
+        # ImageFolder numbers classes by sorted folder name, so other folders shift the labels.
+        train_classes, test_classes = set(loaded["train"].classes), set(loaded["test"].classes)
+        differ = sorted(train_classes ^ test_classes)
+        raise UsageError(f"--data {path}: the class folders of {splits['test'].name}/ and "
+                         f"train/ differ ({', '.join(differ[:5])}); give both the same classes")
     return loaded
 
 
@@ -464,10 +470,16 @@ def load_image(path):
     from PIL import Image
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            image = Image.open(f)
+            if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+                # PIL's convert("RGB") clips 16-bit values to 255: scale 0..65535 to 0..255.
+                import numpy as np
+                pixels = np.asarray(image, dtype=np.float64) / 257
+                image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+            return image.convert("RGB")
     except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for broken files
-        raise DataError(f"cannot read image {path} ({error}); delete or replace the file, "
-                        "then resume with --resume auto") from None
+        raise DataError(f"cannot read image {path} ({error}); delete or replace the file and "
+                        "run again (with --resume auto if the run has a checkpoint)") from None
 
 
 def load_datasets(args):
@@ -646,8 +658,8 @@ def knn_top1(encoder, eval_sets, args, device):
 # Linear-probe presets. The paper's follow the official MoCo v3 ViT linear classification
 # (facebookresearch/moco-v3, main_lincls.py and CONFIG.md): 90 epochs at batch 1024 and base
 # lr 3, so a peak lr of 12, with RandomResizedCrop at torchvision's default scale (0.08, 1).
-# The CPU presets are ours, for 28-32 px images. Their 10 epochs cost about a third of the 4
-# epochs of CPU pretraining, because the probe passes each image forward once per epoch where
+# The CPU presets are ours, for 28-32 px images. Their 10 epochs cost about as much as one
+# epoch of CPU pretraining, because the probe passes each image forward once per epoch where
 # pretraining spends about 8 forward passes' worth per image and epoch. Base lr 0.1 comes from
 # one sweep (0.03 to 3) on a vit_nano_cpu pretrained for 1 epoch and probed on 2048
 # Fashion-MNIST images for 5 epochs. Without --probe-bn, 0.1 was best and 3 diverged. With it,
@@ -1035,8 +1047,8 @@ def add_evaluation_options(parser):
     add("--data-root", help="folder for the named datasets (default: the checkpoint's)")
     add("--workers", type=int, default=2,
         help="DataLoader worker processes per process (default: %(default)s)")
-    add("--seed", type=int, help="seed of the image subsets, shuffling and classifier "
-                                 "initialisation (default: the checkpoint's)")
+    add("--seed", type=int, help="seed of the image subsets (and, for probe, of shuffling and "
+                                 "the classifier's initialisation); default: the checkpoint's")
     add("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
         help="mixed precision of the backbone, as in pretraining (default: %(default)s)")
     add("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -1260,10 +1272,18 @@ class TrainingError(Exception):
 
 
 _STOP_SIGNAL = []
+_IN_TRAINING = [False]  # True while train_one_epoch runs, where a stop waits for the step
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT outside the training steps, where there is no step to finish."""
 
 
 def request_stop(signum, frame):
+    """Signal handler: finish the current step if training, otherwise stop at once."""
     _STOP_SIGNAL.append(signum)
+    if not _IN_TRAINING[0]:
+        raise StopRequested(signum)
 
 
 def stop_requested():
@@ -1337,10 +1357,16 @@ def load_checkpoint(path, option="--resume"):
 
 def restore(checkpoint, path, moco, optimizer, scaler, args):
     """Load model, optimizer and scaler state; a model of another shape is a UsageError."""
+    config = checkpoint.get("config", {})
+    changed = [f"--{key.replace('_', '-')} {config[key]} (now {getattr(args, key)})"
+               for key in ("data", "subset", "seed", "batch_size")
+               if key in config and config[key] != getattr(args, key)]
+    if changed:
+        raise UsageError(f"--resume {path}: the checkpoint was trained with " + ", ".join(changed)
+                         + "; resume with the same options, or start a new run")
     saved = checkpoint["model"]
     problems = describe_problems(*compare_state_dicts(saved, moco.state_dict()))
     if problems:
-        config = checkpoint.get("config", {})
         was = ", ".join(f"{key}={config[key]}" for key in MODEL_KEYS if key in config)
         raise UsageError(f"--resume {path}: checkpoint does not fit this model ({problems}). It "
                          f"was trained with {was or 'unknown options'}; pass the same options")
@@ -1450,6 +1476,14 @@ def fill_defaults(args):
     for key in positive:
         if getattr(args, key) <= 0:
             raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} must be positive")
+    for key in ("lr", "temperature", "warmup_epochs", "weight_decay", "moco_m", "crop_min"):
+        if not math.isfinite(getattr(args, key)):
+            raise UsageError(f"--{key.replace('_', '-')} {getattr(args, key)} must be a finite "
+                             "number")
+    if args.weight_decay < 0:
+        raise UsageError(f"--weight-decay {args.weight_decay} must be 0 or more")
+    if not 0 <= args.seed < 2**31:
+        raise UsageError(f"--seed {args.seed} must be in [0, 2**31)")
     for key in ("subset",):
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             raise UsageError(f"--{key} {getattr(args, key)} must be positive")
@@ -1478,7 +1512,12 @@ def fill_defaults(args):
 def setup_distributed(args):
     """Join the torchrun process group if there is one; return the device of this process."""
     if args.device:
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise UsageError(f"--device {args.device}: invalid; pass cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA GPU is available; pass cpu")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
@@ -1531,7 +1570,10 @@ def prepare_output_dir(args):
     existing = list_checkpoints(output_dir) if output_dir.is_dir() else []
     if args.resume == "auto":
         args.resume = str(existing[-1]) if existing else None
-    elif existing and args.resume is None and not args.overwrite:
+    elif existing and not args.overwrite and (
+            args.resume is None or Path(args.resume).resolve().parent != output_dir.resolve()):
+        # Resuming from a file elsewhere into this folder would mix two runs, and the cleanup of
+        # old checkpoints could then delete the new ones.
         raise UsageError(f"--output-dir {output_dir} already holds checkpoints of a run "
                          f"({existing[-1].name}); pass --resume auto to continue it, "
                          "--overwrite to start afresh, or another --output-dir")
@@ -1558,6 +1600,9 @@ def build_training_data(args, splits, normalization, rank, world):
     train = splits["train"]
     if len(train) == 0:
         raise UsageError(f"--data {args.data}: no training images found")
+    if args.subset is not None and args.subset > len(train):
+        raise UsageError(f"--subset {args.subset} is more than the {len(train)} training images "
+                         f"of --data {args.data}; pass at most {len(train)}")
     if args.subset is not None and args.subset < len(train):
         generator = torch.Generator().manual_seed(args.seed)
         picked = torch.randperm(len(train), generator=generator)[:args.subset].tolist()
@@ -1565,6 +1610,9 @@ def build_training_data(args, splits, normalization, rank, world):
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} "
                          "processes; each process takes batch / processes images")
+    if args.batch_size // world < 2:
+        raise UsageError(f"--batch-size {args.batch_size} gives {args.batch_size // world} image "
+                         f"per process; BatchNorm needs at least 2, so pass at least {2 * world}")
     if len(train) < args.batch_size:
         raise UsageError(f"--data {args.data} has {len(train)} training images, fewer than one "
                          f"--batch-size {args.batch_size}; lower --batch-size or add images")
@@ -1653,13 +1701,20 @@ def train(args):
     state.print(f"MoCo v3 {args.arch}, {len(two_views)} images, global batch {args.batch_size} "
                 f"on {world} process(es), {device}, amp {args.amp}; output in {output_dir}")
 
+    if eval_sets is None:
+        state.print(f"--data {args.data} has no test split (val/ or test/ beside train/): "
+                    "kNN evaluation is skipped")
     if start_epoch == 0 and state.step == 0:
         evaluate(moco, eval_sets, args, device, state, epoch=0)
     for epoch in range(start_epoch, args.epochs):
         two_views.epoch = epoch
         sampler.set_epoch(epoch)
         sampler.start_step = state.step
-        finished = train_one_epoch(model, loader, optimizer, scaler, epoch, args, state)
+        _IN_TRAINING[0] = True
+        try:
+            finished = train_one_epoch(model, loader, optimizer, scaler, epoch, args, state)
+        finally:
+            _IN_TRAINING[0] = False
         done_epoch, done_step = (epoch + 1, 0) if finished else (epoch, state.step)
         if rank == 0:
             save_checkpoint(checkpoint_path(output_dir, done_epoch, done_step), moco, optimizer,
@@ -1697,6 +1752,16 @@ def main(argv=None):
             prefix = f"error on rank {rank}" if rank else "error"
             print(f"{prefix}: {message}", file=sys.stderr)
         status = 2 if isinstance(error, UsageError) else 1
+    except StopRequested as stop:
+        # Setup or evaluation: the last checkpoint, if any, was written before it began.
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"stopped by signal {stop.args[0]} outside training; earlier checkpoints are "
+                  "intact", file=sys.stderr)
+        status = 128 + stop.args[0]
+    except OSError as error:
+        # A path that cannot be written or read (a folder under a file, a full disk).
+        print(f"error: {error}; check the path and its permissions", file=sys.stderr)
+        status = 1
     except RuntimeError as error:
         # Another process failed and closed its connections (gloo raises a RuntimeError that
         # says so, NCCL a DistError): that process's own message says why, so this one reports

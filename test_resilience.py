@@ -333,3 +333,83 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(uninterrupted, tmp_path, mon
     assert "loss is nan at epoch 1, step 1" in message
     assert mocov3.list_checkpoints(out) == [good]
     assert torch.load(good, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--lr", "nan"], ["--lr nan", "finite"]),
+    (["--weight-decay", "-5"], ["--weight-decay -5"]),
+    (["--seed", "99999999999999999999"], ["--seed 99999999999999999999"]),
+    (["--device", "foo"], ["--device foo"]),
+])
+def test_error_bad_numbers_and_device(tmp_path, args, fragments):
+    result = run_cli(*args, "--output-dir", tmp_path / "out")
+    assert_one_line_error(result, *fragments)
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("args, fragments", [
+    (["--batch-size", "1"], ["--batch-size 1", "at least 2"]),
+    (["--subset", "10000000"], ["--subset 10000000", "60000"]),
+])
+def test_error_batch_and_subset_sizes(tmp_path, args, fragments):
+    result = run_cli(*args, "--data-root", "/nonexistent-data-root", "--output-dir",
+                     tmp_path / "out")
+    assert_one_line_error(result, *fragments)
+
+
+@needs_fashion_mnist
+def test_error_output_dir_under_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = run_cli(*QUICK, "--output-dir", blocker / "run")
+    assert_one_line_error(result, str(blocker / "run"))
+
+
+def test_resume_from_elsewhere_into_occupied_folder(tmp_path):
+    (tmp_path / "other").mkdir()
+    other, _ = saved_checkpoint(tmp_path / "other", epoch=1)
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    kept, _ = saved_checkpoint(occupied, epoch=3)
+    args = mocov3.parse_args(["--output-dir", str(occupied), "--resume", str(other)])
+    with pytest.raises(mocov3.UsageError, match="already holds checkpoints"):
+        mocov3.prepare_output_dir(args)
+    assert kept.exists()
+
+
+def test_resume_with_other_data_rejected(tmp_path):
+    path, (moco, optimizer, scaler, _) = saved_checkpoint(tmp_path, epoch=1)
+    args = mocov3.parse_args(["--data", "cifar10", "--dim", "32", "--depth", "1", "--heads", "2",
+                              "--mlp-dim", "16"])
+    with pytest.raises(mocov3.UsageError, match="--data fashion-mnist \\(now cifar10\\)"):
+        mocov3.restore(mocov3.load_checkpoint(path), path, moco, optimizer, scaler, args)
+
+
+def test_error_test_classes_differ(tmp_path):
+    make_image_folder(tmp_path / "data" / "train", classes=3)
+    make_image_folder(tmp_path / "data" / "val", classes=2)
+    with pytest.raises(mocov3.UsageError, match="class folders of val/ and train/ differ"):
+        mocov3.load_image_folder(tmp_path / "data")
+
+
+def test_sixteen_bit_png_keeps_its_gray(tmp_path):
+    import numpy as np
+    from PIL import Image
+    path = tmp_path / "gray16.png"
+    Image.fromarray(np.full((4, 4), 32768, dtype=np.uint16)).save(path)
+    pixels = np.asarray(mocov3.load_image(path))
+    assert pixels.shape == (4, 4, 3)
+    assert abs(int(pixels.mean()) - 127) <= 1
+
+
+@needs_fashion_mnist
+def test_sigint_during_first_evaluation_stops_at_once(tmp_path):
+    process = subprocess.Popen(command("--eval-subset", 10000, "--workers", 0, "--no-progress",
+                                       "--data-root", "/nonexistent-data-root",
+                                       "--output-dir", tmp_path / "out"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("MoCo v3")  # the kNN evaluation starts now
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT
+    assert "outside training" in stderr
