@@ -1345,10 +1345,15 @@ def load_checkpoint(path, option="--resume"):
     if not path.is_file():
         raise UsageError(f"{option} {path}: no such file; pass a checkpoint-epoch*.pth file, "
                          "or 'auto' to take the latest one in --output-dir")
+    import zipfile
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
+        raise UsageError(f"{option} {path}: not a readable checkpoint (not a file written by "
+                         "torch.save, or a truncated one); pass a checkpoint written by mocov3.py")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated zip, pickle of arbitrary objects, not a torch file
-        raise UsageError(f"{option} {path}: not a readable checkpoint ({error_summary(error)}); "
+    except Exception as error:  # truncated zip, pickle of arbitrary objects
+        reason = f"{type(error).__name__}: {error_summary(error)}"
+        raise UsageError(f"{option} {path}: not a readable checkpoint ({reason}); "
                          "pass a checkpoint written by mocov3.py") from None
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise UsageError(f"{option} {path}: not a mocov3.py checkpoint (no 'model' entry)")
