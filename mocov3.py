@@ -715,20 +715,39 @@ def describe_problems(missing, unexpected, mismatched):
     return "; ".join(parts)
 
 
-def model_from_checkpoint(checkpoint, config, path, device):
-    """Build MoCo with the shape in the checkpoint's config and load the checkpoint's weights."""
+def model_from_checkpoint(checkpoint, config, path, device, random_init_seed=None):
+    """Build MoCo with the shape in the checkpoint's config and load the checkpoint's weights.
+
+    With random_init_seed, keep instead the initial weights that pretraining with that seed
+    started from: the baseline that pretraining must improve on.
+    """
     shape = argparse.Namespace(**{key: config[key] for key in MODEL_KEYS})
     shape.learnable_patch_embed = bool(config.get("learnable_patch_embed", False))
     shape.temperature = config.get("temperature", 0.2)  # only used by the pretraining loss
-    shape.seed = 0  # the initial weights are replaced by the checkpoint's
+    shape.seed = 0 if random_init_seed is None else random_init_seed
     moco = build_model(shape, device)
     saved = checkpoint["model"]
     problems = describe_problems(*compare_state_dicts(saved, moco.state_dict()))
     if problems:
         raise UsageError(f"--checkpoint {path}: its weights do not match the model in its own "
                          f"config ({problems}); the file is damaged or was edited")
-    moco.load_state_dict(saved)
+    if random_init_seed is None:
+        moco.load_state_dict(saved)
     return moco
+
+
+class RawPixels(nn.Module):
+    """Stands in for the encoder in kNN: an image's features are its normalised pixels.
+
+    kNN on these is the baseline that learned features must beat.
+    """
+
+    def __init__(self, image_size):
+        super().__init__()
+        self.dim = 3 * image_size * image_size
+
+    def forward_features(self, x):
+        return x.flatten(1)  # (B, 3, H, W) -> (B, 3HW)
 
 
 # Our ViT's module names follow timm's VisionTransformer, so the state dicts differ in two ways
@@ -1056,6 +1075,9 @@ def add_evaluation_options(parser):
                           "gloo on CPUs)")
     add("--output-dir", help="folder where the result is appended as one JSON line to "
                              "probe.jsonl or knn.jsonl (default: print only)")
+    add("--random-init", action="store_true",
+        help="ignore the checkpoint's weights and evaluate the initial weights that its "
+             "pretraining started from (or that --seed gives): the untrained baseline")
 
 
 def parse_knn_args(argv):
@@ -1070,7 +1092,21 @@ def parse_knn_args(argv):
                         help="at most this many train images (the bank) and test images (the "
                              "queries) (default: the checkpoint's)")
     parser.add_argument("--knn-k", type=int, help="neighbours k (default: the checkpoint's)")
-    return parser.parse_args(argv)
+    parser.add_argument("--pixels", action="store_true",
+                        help="ignore the checkpoint's weights and use each image's normalised "
+                             "pixels, at the checkpoint's image size, as its features: the "
+                             "raw-pixel baseline that learned features must beat")
+    args = parser.parse_args(argv)
+    if args.pixels and args.random_init:
+        parser.error("--pixels and --random-init are two different baselines; pass one")
+    return args
+
+
+def weights_label(args):
+    """Name what an evaluation ran on, for its printed line and JSON record."""
+    if getattr(args, "pixels", False):
+        return "pixels"
+    return "random-init" if args.random_init else "checkpoint"
 
 
 def parse_probe_args(argv):
@@ -1125,18 +1161,24 @@ def run_knn(argv):
     checkpoint, config = read_checkpoint(args.checkpoint)
     check_evaluation_args(args, config, positive=("eval_subset", "knn_k"))
     device = setup_distributed(args)
-    moco = model_from_checkpoint(checkpoint, config, args.checkpoint, device)
+    if args.pixels:
+        encoder = RawPixels(args.image_size)
+    else:
+        seed = args.seed if args.random_init else None
+        encoder = model_from_checkpoint(checkpoint, config, args.checkpoint, device,
+                                        seed).base_encoder
     splits, normalization = load_datasets(args)
     eval_sets = build_eval_data(args, splits, normalization)
     if eval_sets is None:
         raise UsageError(f"--data {args.data}: no val/ or test/ folder for the kNN queries")
 
-    top1 = knn_top1(moco.base_encoder, eval_sets, args, device)
+    top1 = knn_top1(encoder, eval_sets, args, device)
     print_main(f"kNN top-1 {top1:.2f}% (k={args.knn_k}, {len(eval_sets['train'])} bank and "
-               f"{len(eval_sets['test'])} query images) of {args.checkpoint}")
+               f"{len(eval_sets['test'])} query images) of {args.checkpoint}, "
+               f"{weights_label(args)}")
     append_result(args, "knn.jsonl", dict(
-        checkpoint=str(args.checkpoint), knn_top1=top1, knn_k=args.knn_k, data=args.data,
-        eval_subset=args.eval_subset, seed=args.seed))
+        checkpoint=str(args.checkpoint), weights=weights_label(args), knn_top1=top1,
+        knn_k=args.knn_k, data=args.data, eval_subset=args.eval_subset, seed=args.seed))
     return 0
 
 
@@ -1157,14 +1199,16 @@ def run_probe(argv):
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} "
                          "processes; each process takes batch / processes images")
-    moco = model_from_checkpoint(checkpoint, config, args.checkpoint, device)
+    seed = args.seed if args.random_init else None
+    moco = model_from_checkpoint(checkpoint, config, args.checkpoint, device, seed)
     train_set, test_set, num_classes = build_probe_data(args)
 
     top1, _ = linear_probe(moco.base_encoder, train_set, test_set, num_classes, args, device)
     print_main(f"linear probe top-1 {top1:.2f}% ({len(train_set)} train and {len(test_set)} "
-               f"test images, {args.epochs} epochs) of {args.checkpoint}")
+               f"test images, {args.epochs} epochs) of {args.checkpoint}, {weights_label(args)}")
     append_result(args, "probe.jsonl", dict(
-        checkpoint=str(args.checkpoint), probe_top1=top1, data=args.data, epochs=args.epochs,
+        checkpoint=str(args.checkpoint), weights=weights_label(args), probe_top1=top1,
+        data=args.data, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, crop_min=args.crop_min, probe_bn=args.probe_bn,
         train_images=len(train_set), test_images=len(test_set), seed=args.seed))
     return 0

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
+import torch.nn.functional as F
 
 import mocov3
 
@@ -511,3 +512,85 @@ def test_cli_probe_end_to_end(pretrained, tmp_path):
     assert record["lr"] == mocov3.PROBE_CPU_DEFAULTS["lr"]
     # 10 classes: a probe on even weak features beats chance (10%)
     assert record["probe_top1"] > 10.0
+
+
+# ------------------------------------------------------------------ baselines: pixels, init
+
+@needs_fashion_mnist
+def test_cli_knn_random_init_matches_monitor_at_epoch_0(pretrained, tmp_path):
+    result = run_cli("knn", "--checkpoint", pretrained / "checkpoint-epoch0001.pth",
+                     "--random-init", "--workers", 0, "--data-root", "/nonexistent",
+                     "--output-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (pretrained / "metrics.jsonl").read_text().splitlines()]
+    (monitor,) = [r for r in records if r.get("epoch") == 0 and "knn_top1" in r]
+    (record,) = [json.loads(line) for line in (tmp_path / "knn.jsonl").read_text().splitlines()]
+    assert record["weights"] == "random-init"
+    assert record["knn_top1"] == monitor["knn_top1"]
+
+
+@needs_fashion_mnist
+def test_cli_knn_pixels_ignores_weights(tmp_path, capsys):
+    """Raw-pixel kNN: the same answer for two checkpoints, equal to kNN on flattened images."""
+    results = []
+    for seed in (0, 1):
+        write_checkpoint(tmp_path / f"checkpoint{seed}.pth", config_overrides=dict(seed=seed))
+        status = mocov3.main(["knn", "--checkpoint", str(tmp_path / f"checkpoint{seed}.pth"),
+                              "--pixels", "--seed", "0", "--eval-subset", "300", "--knn-k", "20",
+                              "--workers", "0", "--data-root", "/nonexistent",
+                              "--output-dir", str(tmp_path)])
+        assert status == 0
+    records = [json.loads(line) for line in (tmp_path / "knn.jsonl").read_text().splitlines()]
+    assert [r["weights"] for r in records] == ["pixels", "pixels"]
+    assert records[0]["knn_top1"] == records[1]["knn_top1"]
+
+    args = argparse.Namespace(data="fashion-mnist", data_root="/nonexistent", image_size=28,
+                              eval_subset=300, seed=0)
+    splits, normalization = mocov3.load_datasets(args)
+    eval_sets = mocov3.build_eval_data(args, splits, normalization)
+    flat = {}
+    for split, dataset in eval_sets.items():
+        images, labels = zip(*[dataset[i] for i in range(len(dataset))])
+        flat[split] = F.normalize(torch.stack(images).flatten(1), dim=1), torch.tensor(labels)
+    predictions = mocov3.knn_predict(*flat["train"], flat["test"][0], 10, k=20)
+    expected = 100.0 * (predictions == flat["test"][1]).float().mean().item()
+    assert records[0]["knn_top1"] == pytest.approx(expected, abs=1e-4)
+    assert records[0]["knn_top1"] > 50  # pixels alone classify Fashion-MNIST well above chance
+
+
+def test_cli_knn_rejects_two_baselines(tmp_path, capsys):
+    write_checkpoint(tmp_path / "checkpoint.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        mocov3.main(["knn", "--checkpoint", str(tmp_path / "checkpoint.pth"), "--pixels",
+                     "--random-init"])
+    assert exit_info.value.code == 2
+    assert "--pixels and --random-init" in capsys.readouterr().err
+
+
+@needs_fashion_mnist
+def test_cli_probe_random_init_uses_initial_weights(tmp_path, capsys, monkeypatch):
+    """probe --random-init: the backbone is the one pretraining with that seed started from."""
+    trained = write_checkpoint(tmp_path / "checkpoint.pth", config_overrides=dict(seed=3))
+    perturb(trained, seed=5)  # the weights saved differ from any initialisation
+    config = torch.load(tmp_path / "checkpoint.pth", weights_only=True)["config"]
+    torch.save(dict(model=trained.state_dict(), epoch=1, step=0, config=config),
+               tmp_path / "checkpoint.pth")
+    seen = {}
+
+    def fake_probe(backbone, train_set, test_set, num_classes, args, device):
+        seen["backbone"] = backbone
+        return 12.5, None
+
+    monkeypatch.setattr(mocov3, "linear_probe", fake_probe)
+    status = mocov3.main(["probe", "--checkpoint", str(tmp_path / "checkpoint.pth"),
+                          "--random-init", "--data-root", "/nonexistent",
+                          "--output-dir", str(tmp_path)])
+    assert status == 0
+    args = mocov3.parse_args(["--dim", "32", "--depth", "2", "--heads", "2", "--mlp-dim", "64",
+                              "--seed", "3"])
+    initial = mocov3.build_model(args, torch.device("cpu")).base_encoder.state_dict()
+    for key, value in seen["backbone"].state_dict().items():
+        assert torch.equal(value, initial[key]), key
+    (record,) = [json.loads(line) for line in (tmp_path / "probe.jsonl").read_text().splitlines()]
+    assert record["weights"] == "random-init"
+    assert "random-init" in capsys.readouterr().out
