@@ -1738,8 +1738,8 @@ def train(args):
         model = nn.parallel.DistributedDataParallel(
             moco, device_ids=[device.index] if device.type == "cuda" else None)
     trainable = [p for p in moco.parameters() if p.requires_grad]
-    # fused: one kernel updates every tensor; the default on CPUs loops over them in Python,
-    # which took about a fifth of a vit_small step on 2 cores (benchmarks/README.md).
+    # fused: one kernel updates every tensor, where the default on CPUs loops over them in
+    # Python (benchmarks/README.md times both).
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay,
                                   fused=True)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")

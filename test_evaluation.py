@@ -517,7 +517,7 @@ def test_cli_probe_end_to_end(pretrained, tmp_path):
 # ------------------------------------------------------------------ baselines: pixels, init
 
 @needs_fashion_mnist
-def test_cli_knn_random_init_matches_monitor_at_epoch_0(pretrained, tmp_path):
+def test_cli_knn_random_init_equals_epoch0(pretrained, tmp_path):
     result = run_cli("knn", "--checkpoint", pretrained / "checkpoint-epoch0001.pth",
                      "--random-init", "--workers", 0, "--data-root", "/nonexistent",
                      "--output-dir", tmp_path)
@@ -531,7 +531,7 @@ def test_cli_knn_random_init_matches_monitor_at_epoch_0(pretrained, tmp_path):
 
 @needs_fashion_mnist
 def test_cli_knn_pixels_ignores_weights(tmp_path, capsys):
-    """Raw-pixel kNN: the same answer for two checkpoints, equal to kNN on flattened images."""
+    """Raw-pixel kNN: the same result for two checkpoints, equal to kNN on flattened images."""
     results = []
     for seed in (0, 1):
         write_checkpoint(tmp_path / f"checkpoint{seed}.pth", config_overrides=dict(seed=seed))
