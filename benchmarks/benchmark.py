@@ -16,6 +16,7 @@ to benchmarks/README.md, which records how long the last full run took and on wh
 
     python benchmarks/benchmark.py            # full run: CPU presets, fp32 and bf16
     python benchmarks/benchmark.py --quick    # smoke test: smaller batches, 1 timed step
+    python benchmarks/benchmark.py --threads 1   # steadier on a machine shared with others
     python benchmarks/benchmark.py --help
 
 Each preset and dtype runs in a fresh process, so that one's allocator state does not leak into
@@ -274,6 +275,7 @@ class Config:
     mlp_dim: int
     device: str
     steps: int
+    threads: int  # torch threads, 0 for torch's default
 
 
 # The first steps of every implementation are untimed: they warm up oneDNN or cuBLAS, and the
@@ -311,7 +313,9 @@ def prepare_step(config):
     x1, x2 = torch.randn(shape, device=device), torch.randn(shape, device=device)
     moco = build_moco(config.impl, config.arch, config.image_size, config.mlp_dim).to(device)
     trainable = [p for p in moco.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY)
+    # fused, as mocov3.train builds it, for every implementation
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                                  fused=True)
     if config.impl == "ours-compiled":
         moco = torch.compile(moco)
     return moco, optimizer, x1, x2
@@ -355,11 +359,15 @@ def measure_group(configs):
     memory: everything allocated from building the model to the end of those steps, that is
     weights, momentum encoder, gradients, AdamW state, inputs and activations. Then the timed
     steps go round robin over the implementations, in an order that rotates every round, so
-    that a change in load from other processes on the machine hits all of them alike.
+    that a change in load from other processes on the machine hits all of them alike. Each
+    round also times one matrix multiply for the matmul peak, so that the peak is measured under
+    the same load as the steps. Returns ({impl: measurements}, best matmul FLOP/s).
     Besides wall-clock time, each step's CPU time (all threads of this process) is recorded: it
     leaves out the time other processes hold the cores, so it is steadier on a busy machine.
     """
     device = torch.device(configs[0].device)
+    if configs[0].threads:
+        torch.set_num_threads(configs[0].threads)
     prepared, results = {}, {}
     for config in configs:
         dtype = DTYPES[config.dtype]
@@ -382,7 +390,9 @@ def measure_group(configs):
         results[config.impl] = dict(seconds=[], cpu_seconds=[], peak_bytes=peak,
                                     threads=torch.get_num_threads())
 
+    peak_flops = 0.0
     for round_index in range(configs[0].steps):
+        peak_flops = max(peak_flops, measure_matmul_peak(configs[0].dtype, str(device), repeats=1))
         shift = round_index % len(configs)
         for config in configs[shift:] + configs[:shift]:
             moco, optimizer, x1, x2 = prepared[config.impl]
@@ -394,7 +404,7 @@ def measure_group(configs):
             results[config.impl]["cpu_seconds"].append(time.process_time() - cpu_start)
             if not math.isfinite(loss.item()):
                 raise RuntimeError(f"{config}: the loss is {loss.item()}, so the step is broken")
-    return results
+    return results, peak_flops
 
 
 def measure_matmul_peak(dtype_name, device_name, size=4096, repeats=5):
@@ -416,25 +426,43 @@ def measure_matmul_peak(dtype_name, device_name, size=4096, repeats=5):
     return 2 * size**3 / best
 
 
-def profile_step(config, top=10):
-    """Profile steps of one configuration and return per-step CPU totals and the top ops.
+def time_phases(moco, optimizer, x1, x2, dtype, device):
+    """Run one step and return {phase: (wall seconds, CPU seconds)} for its three phases."""
+    clocks = [(time.perf_counter(), time.process_time())]
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        loss = moco(x1, x2, MOMENTUM)
+    clocks.append((time.perf_counter(), time.process_time()))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    clocks.append((time.perf_counter(), time.process_time()))
+    optimizer.step()
+    clocks.append((time.perf_counter(), time.process_time()))
+    names = ("forward with momentum update and keys", "backward", "AdamW step")
+    return {name: (end[0] - begin[0], end[1] - begin[1])
+            for name, begin, end in zip(names, clocks, clocks[1:])}
 
-    Runs in its own process, after one untimed step. The returned times are means over
-    `config.steps` profiled steps, in milliseconds.
+
+def profile_step(config, top=10):
+    """Time the phases of one step, then profile the next; return both, in milliseconds.
+
+    Runs in its own process, after one untimed step. The phases are timed without the profiler,
+    whose per-op overhead would inflate phases of many small ops such as the AdamW step. The op
+    table gives means over `config.steps` profiled steps.
     """
     device = torch.device(config.device)
     dtype = DTYPES[config.dtype]
+    if config.threads:
+        torch.set_num_threads(config.threads)
     moco, optimizer, x1, x2 = prepare_step(config)
     train_step(moco, optimizer, x1, x2, dtype, device)
+    phases = time_phases(moco, optimizer, x1, x2, dtype, device)
+
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities) as profiler:
         for _ in range(config.steps):
             train_step(moco, optimizer, x1, x2, dtype, device)
-    events = profiler.key_averages()
-
-    phases = {e.key: e.cpu_time_total / 1e3 / config.steps for e in events
-              if e.key in ("forward", "backward", "optimizer")}
-    ops = [e for e in events if e.key not in phases]
+    ops = [e for e in profiler.key_averages()
+           if e.key not in ("forward", "backward", "optimizer")]
     total_self = sum(e.self_cpu_time_total for e in ops)
     ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
     rows = [dict(name=e.key, self_ms=e.self_cpu_time_total / 1e3 / config.steps,
@@ -443,29 +471,37 @@ def profile_step(config, top=10):
     return dict(phases=phases, total_ms=total_self / 1e3 / config.steps, rows=rows)
 
 
-def time_adamw_variants(arch, mlp_dim, repeats=3):
-    """Return the median seconds of AdamW.step over MoCo's trainable parameters, per variant.
+def time_adamw_variants(arch, mlp_dim, threads, repeats=7):
+    """Return the median CPU seconds of AdamW.step per variant, and of the momentum update.
 
-    mocov3.py builds AdamW with the defaults, which on CPU take the per-tensor ("for-loop")
-    implementation. foreach and fused are the two batched ones.
+    mocov3.py builds AdamW with fused=True. Without it, CPUs take the per-tensor ("for-loop")
+    implementation by default; foreach and fused are the two batched ones. The variants take
+    turns, so that a change in load hits all of them alike.
     """
+    if threads:
+        torch.set_num_threads(threads)
     moco = build_moco("ours", arch, CPU_CONFIGS[arch]["image_size"], mlp_dim)
     trainable = [p for p in moco.parameters() if p.requires_grad]
     for p in trainable:
         p.grad = torch.randn_like(p) * 1e-3
-    results = {}
+    variants = {}
     for name, options in (("default", {}), ("foreach", dict(foreach=True)),
                           ("fused", dict(fused=True))):
-        optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-                                      **options)
-        optimizer.step()  # creates the moment buffers
-        seconds = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+        variants[name] = torch.optim.AdamW(trainable, lr=LEARNING_RATE,
+                                           weight_decay=WEIGHT_DECAY, **options)
+        variants[name].step()  # creates the moment buffers
+
+    seconds = {name: [] for name in variants}
+    seconds["momentum update"] = []
+    for _ in range(repeats):
+        for name, optimizer in variants.items():
+            start = time.process_time()
             optimizer.step()
-            seconds.append(time.perf_counter() - start)
-        results[name] = statistics.median(seconds)
-    return results
+            seconds[name].append(time.process_time() - start)
+        start = time.process_time()
+        moco.update_momentum_encoder(MOMENTUM)
+        seconds["momentum update"].append(time.process_time() - start)
+    return {name: statistics.median(values) for name, values in seconds.items()}
 
 
 # ------------------------------------------------------------------------------ data loading
@@ -560,7 +596,7 @@ def plan_configs(args, device):
         for dtype in args.dtypes:
             for impl in args.impls:
                 configs.append(Config(arch, impl, dtype, batch, image_size, mlp_dim, str(device),
-                                      args.steps))
+                                      args.steps, args.threads))
     return configs
 
 
@@ -650,7 +686,7 @@ def step_table(rows, cpu_time):
                  format_bytes(row["peak_bytes"]), f"{row['flops'] / 1e9:,.0f}",
                  f"{row['flops_per_s'] / 1e9:,.1f}", f"{100 * row['mfu']:.0f}%"]
         if cpu_time:
-            cells += [f"{row['cpu_s']:,.1f}", format_speedup(
+            cells += [f"{row['cpu_s']:,.2f}", format_speedup(
                 ratio(rows, c.arch, c.dtype, "pairs_per_cpu_s", "ours", c.impl))]
         lines.append("| " + " | ".join(str(cell) for cell in cells) + " |")
     return "\n".join(lines)
@@ -727,16 +763,20 @@ def data_table(data, rows):
 
 
 def profile_section(profile, adamw):
-    phases = ", ".join(f"{name} {ms:,.0f} ms" for name, ms in profile["phases"].items())
-    lines = [f"Per step: {phases}; all ops' self time {profile['total_ms']:,.0f} ms.", "",
+    phases = ", ".join(f"{name} {wall * 1e3:,.0f} ms ({cpu * 1e3:,.0f} ms CPU)"
+                       for name, (wall, cpu) in profile["phases"].items())
+    lines = [f"One step without the profiler: {phases}.", "",
              "| op | self CPU ms per step | share | calls per step |", "|---|---|---|---|"]
     for row in profile["rows"]:
         lines.append(f"| `{row['name']}` | {row['self_ms']:,.1f} | {100 * row['share']:.1f}% "
                      f"| {row['calls']} |")
+    lines.append(f"| all ops | {profile['total_ms']:,.1f} | 100% | |")
     if adamw:
-        timings = ", ".join(f"{name} {s * 1e3:,.0f} ms" for name, s in adamw.items())
-        lines += ["", f"AdamW.step alone over the same trainable parameters (median of 3): "
-                      f"{timings}. mocov3.py uses the default."]
+        timings = ", ".join(f"{name} {seconds * 1e3:,.0f} ms" for name, seconds in adamw.items()
+                            if name != "momentum update")
+        lines += ["", "Median CPU time of 7 calls over the same trainable parameters, outside the "
+                      f"step: AdamW.step {timings} (mocov3.py uses fused); "
+                      f"`update_momentum_encoder` {adamw['momentum update'] * 1e3:,.0f} ms."]
     return "\n".join(lines)
 
 
@@ -756,7 +796,7 @@ def method_section(device, peaks):
     peak_text = ", ".join(f"{dtype} {flops / 1e9:,.0f} GFLOP/s" for dtype, flops in peaks.items())
     return f"""\
 - **Step.** `loss = moco(x1, x2, m)` (under `torch.autocast` for bf16), then
-  `zero_grad(set_to_none=True)`, `loss.backward()` and `AdamW.step()` with the defaults, lr
+  `zero_grad(set_to_none=True)`, `loss.backward()` and fused `AdamW.step()`, lr
   {LEARNING_RATE} and weight decay {WEIGHT_DECAY}; m = {MOMENTUM}; fixed random inputs, so data
   loading is not in the step. Projector and predictor are `mocov3.build_mlp` with output width
   {OUT_DIM}, the loss is `mocov3.contrastive_loss` at T = {TEMPERATURE}, and the momentum update
@@ -790,8 +830,10 @@ def method_section(device, peaks):
   backward. The momentum encoder and its projector run forward only, under no_grad. The logits
   of the two losses add 8 B^2 C. Elementwise work (norms, activations, softmax, AdamW, the
   momentum update) is left out.
-- **MFU.** Model FLOP/s over the peak FLOP/s of a 4096 x 4096 matrix multiply in the same dtype:
-  the best of 5, measured before and after the steps in this run: {peak_text}.
+- **MFU.** Model FLOP/s over the peak FLOP/s of a 4096 x 4096 matrix multiply in the same dtype
+  and thread count: the best of 5 before and 5 after the steps, and of one in every round of
+  timed steps, in this run: {peak_text}. Other processes slow the multiply too, so on a busy
+  machine the peak can come out low and MFU high.
 - **Data loading.** `mocov3.TwoViews` with `mocov3.pretrain_transforms` (crop scale from 0.2)
   in one process with one thread, as in a DataLoader worker: decode, two augmented views,
   normalised tensors. Collation and the transfer between processes are not included. The JPEG
@@ -829,7 +871,7 @@ def render_page(args, device, rows, peaks, data, profile, adamw, checks, run_inf
         "machine are noisy, so compare rows of one run, not numbers across runs.", "",
         f"- Command: `{command}`",
         f"- Date: {when}; the run took {run_info['seconds'] / 60:.1f} minutes",
-        f"- Machine: {machine}; torch used {threads} threads",
+        f"- Machine: {machine}; torch threads: {threads}",
         f"- Load average (1 minute) at the start, middle and end of the run: "
         f"{', '.join(f'{x:.1f}' for x in loads)}{contention}",
         f"- Software: Python {platform.python_version()}, torch {torch.__version__}, "
@@ -856,9 +898,9 @@ def render_page(args, device, rows, peaks, data, profile, adamw, checks, run_inf
         c = profile["config"]
         sections += [f"## Where the time goes: ours, {c.arch}, {c.image_size} px, batch "
                      f"{c.batch}, {c.dtype}", "",
-                     f"torch.profiler over {c.steps} step(s) after one untimed step; the top ops "
-                     "by self CPU time. Profiling adds overhead per op, so per-step totals are "
-                     "higher than in the table above.", "",
+                     f"Phase times of one step, then torch.profiler over {c.steps} step(s): the "
+                     "top ops by self CPU time. The profiler adds overhead to every op, so its "
+                     "totals are higher than the phase times.", "",
                      profile_section(profile, adamw), ""]
     sections += ["## Method", "", method_section(device, peaks)]
     return "\n".join(sections)
@@ -891,6 +933,10 @@ def parse_args(argv=None):
         help="a smoke test: a quarter of the default batch, 1 timed step per configuration, "
              "1 s of data loading per case, no profile")
     add("--device", help="cpu or cuda (default: cuda if available)")
+    add("--threads", type=int, default=0,
+        help="torch threads for the steps, the matmul peak and the profile, 0 to keep torch's "
+             "default. On a machine shared with other processes, 1 thread avoids "
+             "OpenMP threads waiting for a preempted partner, so CPU times are steadier")
 
     # extras and output
     add("--no-profile", action="store_true", help="skip the torch.profiler summary")
@@ -913,6 +959,8 @@ def parse_args(argv=None):
         parser.error(f"--batch-size {args.batch_size} must be at least 2 (BatchNorm needs it)")
     if args.steps < 1:
         parser.error(f"--steps {args.steps} must be at least 1")
+    if args.threads < 0:
+        parser.error(f"--threads {args.threads} must be 0 (torch's default) or more")
     if args.data_seconds <= 0:
         parser.error(f"--data-seconds {args.data_seconds} must be positive")
     return args
@@ -945,13 +993,16 @@ def main(argv=None):
     # the matmul peak before and after the steps, so that a busy neighbour during one
     # measurement does not inflate MFU
     dtypes = list(dict.fromkeys(c.dtype for c in configs))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     peaks = {dtype: measure_matmul_peak(dtype, str(device)) for dtype in dtypes}
     measured = {}
     groups = {}
     for config in configs:
         groups.setdefault((config.arch, config.dtype), []).append(config)
     for group in groups.values():
-        results = run_in_fresh_process(measure_group, group)
+        results, group_peak = run_in_fresh_process(measure_group, group)
+        peaks[group[0].dtype] = max(peaks[group[0].dtype], group_peak)
         for config in group:
             measured[config.impl, config.arch, config.dtype] = results[config.impl]
             row = summarise(config, results[config.impl], peaks)
@@ -974,7 +1025,8 @@ def main(argv=None):
     if not args.no_profile and device.type == "cpu":
         profiled = dataclasses.replace(configs[0], impl="ours", dtype="fp32", steps=1)
         profile = run_in_fresh_process(profile_step, profiled) | dict(config=profiled)
-        adamw = run_in_fresh_process(time_adamw_variants, profiled.arch, profiled.mlp_dim)
+        adamw = run_in_fresh_process(time_adamw_variants, profiled.arch, profiled.mlp_dim,
+                                     args.threads)
 
     load_averages.append(load_average())
     run_info = dict(seconds=time.perf_counter() - started, load_averages=load_averages)
