@@ -340,9 +340,9 @@ class MoCo(nn.Module):
         x = torch.cat([x1, x2])  # (2B, 3, H, W)
         # Both views pass each backbone as one batch (every backbone layer is per image), while
         # the heads see each view alone, so BatchNorm statistics are per view as in Algorithm 1.
-        # The keys come first: nothing here changes the base encoder, so the loss is the same,
-        # but their temporary activations are freed before the queries' are kept for backward,
-        # which lowers the peak memory of the step.
+        # The keys come first. Nothing here changes the base encoder, so the loss is the same,
+        # and the keys' temporary activations are freed before the queries' activations are
+        # kept for backward, which lowers the step's peak memory.
         with torch.no_grad():
             self.update_momentum_encoder(m)
             g1, g2 = self.momentum_encoder.forward_features(x).split(batch)
@@ -722,8 +722,8 @@ def describe_problems(missing, unexpected, mismatched):
 def model_from_checkpoint(checkpoint, config, path, device, random_init_seed=None):
     """Build MoCo with the shape in the checkpoint's config and load the checkpoint's weights.
 
-    With random_init_seed, keep instead the initial weights that pretraining with that seed
-    started from: the baseline that pretraining must improve on.
+    With random_init_seed, the saved weights are checked but not loaded, so the model keeps the
+    initial weights that pretraining with that seed started from (the untrained baseline).
     """
     shape = argparse.Namespace(**{key: config[key] for key in MODEL_KEYS})
     shape.learnable_patch_embed = bool(config.get("learnable_patch_embed", False))
@@ -741,9 +741,9 @@ def model_from_checkpoint(checkpoint, config, path, device, random_init_seed=Non
 
 
 class RawPixels(nn.Module):
-    """Stands in for the encoder in kNN: an image's features are its normalised pixels.
+    """Encoder stand-in for kNN whose features are an image's normalised pixels.
 
-    kNN on these is the baseline that learned features must beat.
+    kNN on these features is the baseline that learned features must beat.
     """
 
     def __init__(self, image_size):
@@ -1107,7 +1107,7 @@ def parse_knn_args(argv):
 
 
 def weights_label(args):
-    """Name what an evaluation ran on, for its printed line and JSON record."""
+    """Return which weights an evaluation used: pixels, random-init or checkpoint."""
     if getattr(args, "pixels", False):
         return "pixels"
     return "random-init" if args.random_init else "checkpoint"

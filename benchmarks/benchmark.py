@@ -129,8 +129,9 @@ class TimmBackbone(nn.Module):
 class TwoPassMoCo(mocov3.MoCo):
     """mocov3.MoCo with the official code's forward: each encoder runs once per view.
 
-    Heads, loss and momentum update are mocov3's, so against `mocov3.MoCo` only the backbone
-    and the batching of the two views differ. The loss is the same function of the inputs.
+    Heads, loss and momentum update are mocov3's. Against `mocov3.MoCo` only the backbone, the
+    batching of the two views and their order differ (queries before keys, as the official
+    code). The loss is the same function of the inputs.
     """
 
     def forward(self, x1, x2, m):
@@ -831,8 +832,8 @@ def method_section(device, peaks):
   of the two losses add 8 B^2 C. Elementwise work (norms, activations, softmax, AdamW, the
   momentum update) is left out.
 - **MFU.** Model FLOP/s over the peak FLOP/s of a 4096 x 4096 matrix multiply in the same dtype
-  and thread count: the best of 5 before and 5 after the steps, and of one in every round of
-  timed steps, in this run: {peak_text}. Other processes slow the multiply too, so on a busy
+  and thread count. The peak is the best of 5 multiplies before the steps, 5 after them and one
+  in every round of timed steps, which in this run gave {peak_text}. Other processes slow the multiply too, so on a busy
   machine the peak can come out low and MFU high.
 - **Data loading.** `mocov3.TwoViews` with `mocov3.pretrain_transforms` (crop scale from 0.2)
   in one process with one thread, as in a DataLoader worker: decode, two augmented views,
