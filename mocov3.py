@@ -1321,6 +1321,7 @@ class TrainingError(Exception):
 
 _STOP_SIGNAL = []
 _IN_TRAINING = [False]  # True while train_one_epoch runs, where a stop waits for the step
+_ENDING = [False]  # True while main cleans up: its result is settled and a signal is only noted
 
 
 class StopRequested(Exception):
@@ -1328,9 +1329,14 @@ class StopRequested(Exception):
 
 
 def request_stop(signum, frame):
-    """Signal handler: finish the current step if training, otherwise stop at once."""
+    """Signal handler: finish the current step if training, otherwise stop at once.
+
+    While an exception is already on its way out, the signal is only noted: torchrun sends
+    SIGTERM to every process once one fails, and the error that ends this process must keep
+    its own message. (A signal noted during setup still stops training after its first step.)
+    """
     _STOP_SIGNAL.append(signum)
-    if not _IN_TRAINING[0]:
+    if not (_IN_TRAINING[0] or _ENDING[0] or sys.exc_info()[1] is not None):
         raise StopRequested(signum)
 
 
@@ -1723,6 +1729,7 @@ def evaluate(moco, eval_sets, args, device, state, epoch):
 def train(args):
     """Pretrain MoCo v3 as configured by args; returns the exit status."""
     # From here on SIGTERM and SIGINT finish the current step and write a checkpoint.
+    _STOP_SIGNAL.clear()
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     device = setup_distributed(args)
@@ -1789,6 +1796,7 @@ def train(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         # A first word probe, knn or export picks that subcommand; otherwise this is pretraining.
         if argv and argv[0] in COMMANDS:
@@ -1830,8 +1838,14 @@ def main(argv=None):
         print(f"rank {rank} stopped: another process failed ({first_line})", file=sys.stderr)
         status = 1
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _ENDING[0] = True
+        try:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        finally:
+            for number, handler in handlers.items():
+                signal.signal(number, handler)
+            _ENDING[0] = False
     return status
 
 

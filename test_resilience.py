@@ -406,3 +406,27 @@ def test_sigint_during_first_evaluation_stops_at_once(tmp_path):
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGINT
     assert "outside training" in stderr
+
+
+def test_signal_while_an_error_ends_the_process(monkeypatch, capsys):
+    """Once one process fails, torchrun sends SIGTERM to the others, which may be reporting
+    the lost peer already: that report and its status stay, and the handlers are restored."""
+    def deliver_sigterm():
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+
+    def train_losing_its_peer(args):
+        signal.signal(signal.SIGTERM, mocov3.request_stop)
+        try:
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:29500")
+        finally:
+            deliver_sigterm()  # while the error unwinds
+
+    monkeypatch.setattr(mocov3, "train", train_losing_its_peer)
+    monkeypatch.setattr(mocov3, "_STOP_SIGNAL", [])
+    # ... and again while the process group closes, after the report.
+    monkeypatch.setattr(mocov3.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(mocov3.dist, "destroy_process_group", deliver_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    assert mocov3.main(["--epochs", "1"]) == 1
+    assert "rank 0 stopped: another process failed" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before
