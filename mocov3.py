@@ -103,12 +103,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, num_queries=None):
+        """Attend from the first `num_queries` tokens (all when None) to all N tokens."""
         qkv = self.qkv(x)  # (B, N, 3D)
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        x = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, D/h)
-        x = rearrange(x, "b h n d -> b n (h d)")
-        return self.proj(x)
+        x = F.scaled_dot_product_attention(q[:, :, :num_queries], k, v)  # (B, h, Q, D/h)
+        x = rearrange(x, "b h q d -> b q (h d)")
+        return self.proj(x)  # (B, Q, D)
 
 
 class Block(nn.Module):
@@ -124,8 +125,9 @@ class Block(nn.Module):
         self.mlp.add_module("act", nn.GELU())
         self.mlp.add_module("fc2", nn.Linear(mlp_ratio * dim, dim))
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, num_queries=None):
+        """Update the first `num_queries` tokens (all when None): (B, N, D) -> (B, Q, D)."""
+        x = x[:, :num_queries] + self.attn(self.norm1(x), num_queries)
         return x + self.mlp(self.norm2(x))
 
 
@@ -186,8 +188,14 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(x) + self.pos_embed[:, 1:]  # (B, N, D)
         cls = self.cls_token + self.pos_embed[:, :1]  # (1, 1, D)
         x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1+N, D)
-        x = self.blocks(x)
-        return self.norm(x[:, 0])  # (B, D); LayerNorm is per token, so [CLS] alone suffices
+        for block in self.blocks[:-1]:
+            x = block(x)  # (B, 1+N, D)
+        # Only [CLS] is read out, and after the last attention every layer is per token. So the
+        # last block updates the [CLS] row alone: it still attends to all 1+N tokens, but its
+        # output projection and MLP run on one token. The result is the same, and ViT-S at
+        # 224 px needs 6% fewer FLOPs in its blocks.
+        x = self.blocks[-1](x, num_queries=1)  # (B, 1, D)
+        return self.norm(x[:, 0])  # (B, D)
 
     def forward(self, x):
         return self.head(self.forward_features(x))
@@ -1331,7 +1339,7 @@ class StopRequested(Exception):
 def request_stop(signum, frame):
     """Signal handler: finish the current step if training, otherwise stop at once.
 
-    While an exception is already on its way out, the signal is only noted: torchrun sends
+    While an exception is already on its way out, the signal is only noted. torchrun sends
     SIGTERM to every process once one fails, and the error that ends this process must keep
     its own message. (A signal noted during setup still stops training after its first step.)
     """

@@ -103,6 +103,33 @@ def test_vit_output_is_cls_feature():
     assert features.shape == (5, 128)
 
 
+def test_last_block_on_cls_alone_equals_every_token():
+    """The last block updates only [CLS]; features and every gradient equal those of running
+    every block on every token, as timm does."""
+    torch.manual_seed(0)
+    vit = mocov3.create_vit("vit_nano_cpu", depth=3, learnable_patch_embed=True).double()
+    x = torch.randn(4, 3, 28, 28, dtype=torch.float64)
+    weights = torch.randn(128, dtype=torch.float64)
+
+    def every_token(x):
+        patches = vit.patch_embed(x) + vit.pos_embed[:, 1:]
+        cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(len(x), -1, -1)
+        return vit.norm(vit.blocks(torch.cat([cls, patches], dim=1))[:, 0])
+
+    shapes = []
+    vit.blocks[-1].register_forward_hook(lambda module, inputs, out: shapes.append(out.shape))
+    results = []
+    for features in (vit.forward_features, every_token):
+        vit.zero_grad()
+        out = features(x)
+        (out @ weights).sum().backward()
+        results.append((out, [p.grad.clone() for p in vit.parameters()]))
+    assert shapes == [(4, 1, 128), (4, 50, 128)]  # [CLS] alone, then all 1 + 49 tokens
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
+    for ours, full in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(ours, full, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("kwargs, fragment", [
     (dict(image_size=30, patch_size=4, dim=16, heads=2), "not divisible by the patch size"),
     (dict(image_size=8, patch_size=2, dim=18, heads=2), "not divisible by 4"),
