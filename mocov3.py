@@ -1597,9 +1597,10 @@ def setup_distributed(args):
         if device.type == "cuda":
             args.amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
-            # NOTE: on a 2-core AMD EPYC with avx512_bf16, bf16 autocast made the vit_nano_cpu
-            # step 1.8x slower and the vit_small 224 px step 1.3x faster (benchmarks/README.md),
-            # so the CPU default is fp32; pass --amp bf16 to try it.
+            # NOTE: fp32 is the CPU default because the README's results were measured in it.
+            # On a 2-core AMD EPYC with avx512_bf16, bf16 autocast made the vit_nano_cpu step
+            # 1.2x and the vit_small 224 px step 1.5x faster (benchmarks/README.md); CPUs
+            # without bf16 instructions may run it slower (not measured). --amp bf16 turns it on.
             args.amp = "off"
     if args.amp == "fp16" and device.type != "cuda":
         raise UsageError("--amp fp16 needs a CUDA device; use --amp bf16 or off on a CPU")
