@@ -1329,7 +1329,6 @@ class TrainingError(Exception):
 
 _STOP_SIGNAL = []
 _IN_TRAINING = [False]  # True while train_one_epoch runs, where a stop waits for the step
-_ENDING = [False]  # True while main cleans up: its result is settled and a signal is only noted
 
 
 class StopRequested(Exception):
@@ -1341,10 +1340,10 @@ def request_stop(signum, frame):
 
     While an exception is already on its way out, the signal is only noted. torchrun sends
     SIGTERM to every process once one fails, and the error that ends this process must keep
-    its own message. (A signal noted during setup still stops training after its first step.)
+    its own message. A signal noted during setup still stops training after its first step.
     """
     _STOP_SIGNAL.append(signum)
-    if not (_IN_TRAINING[0] or _ENDING[0] or sys.exc_info()[1] is not None):
+    if not (_IN_TRAINING[0] or sys.exc_info()[1] is not None):
         raise StopRequested(signum)
 
 
@@ -1599,7 +1598,7 @@ def setup_distributed(args):
         else:
             # NOTE: fp32 is the CPU default because the README's results were measured in it.
             # On a 2-core AMD EPYC with avx512_bf16, bf16 autocast made the vit_nano_cpu step
-            # 1.2x and the vit_small 224 px step 1.5x faster (benchmarks/README.md); CPUs
+            # 1.2x and the vit_small 224 px step 1.5x faster (benchmarks/README.md). CPUs
             # without bf16 instructions may run it slower (not measured). --amp bf16 turns it on.
             args.amp = "off"
     if args.amp == "fp16" and device.type != "cuda":
@@ -1847,14 +1846,16 @@ def main(argv=None):
         print(f"rank {rank} stopped: another process failed ({first_line})", file=sys.stderr)
         status = 1
     finally:
-        _ENDING[0] = True
+        # The status is settled, so a signal now (torchrun's SIGTERM once another process
+        # failed) is ignored until the handlers found at the start are back.
+        for number in handlers:
+            signal.signal(number, signal.SIG_IGN)
         try:
             if dist.is_initialized():
                 dist.destroy_process_group()
         finally:
             for number, handler in handlers.items():
                 signal.signal(number, handler)
-            _ENDING[0] = False
     return status
 
 
