@@ -289,6 +289,12 @@ class Config:
 UNTIMED_STEPS = 2
 
 
+def set_threads(count):
+    """Set torch's thread count for this process; 0 keeps torch's default."""
+    if count:
+        torch.set_num_threads(count)
+
+
 def synchronize(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -372,8 +378,7 @@ def measure_group(configs):
     leaves out the time other processes hold the cores, so it is steadier on a busy machine.
     """
     device = torch.device(configs[0].device)
-    if configs[0].threads:
-        torch.set_num_threads(configs[0].threads)
+    set_threads(configs[0].threads)
     prepared, results = {}, {}
     for config in configs:
         dtype = DTYPES[config.dtype]
@@ -457,8 +462,7 @@ def profile_step(config, top=10):
     """
     device = torch.device(config.device)
     dtype = DTYPES[config.dtype]
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)
     moco, optimizer, x1, x2 = prepare_step(config)
     train_step(moco, optimizer, x1, x2, dtype, device)
     phases = time_phases(moco, optimizer, x1, x2, dtype, device)
@@ -484,8 +488,7 @@ def time_adamw_variants(arch, mlp_dim, threads, repeats=7):
     implementation by default; foreach and fused are the two batched ones. The variants take
     turns, so that a change in load hits all of them alike.
     """
-    if threads:
-        torch.set_num_threads(threads)
+    set_threads(threads)
     moco = build_moco("ours", arch, CPU_CONFIGS[arch]["image_size"], mlp_dim)
     trainable = [p for p in moco.parameters() if p.requires_grad]
     for p in trainable:
@@ -838,8 +841,8 @@ def method_section(device, peaks):
   momentum update) is left out.
 - **MFU.** Model FLOP/s over the peak FLOP/s of a 4096 x 4096 matrix multiply in the same dtype
   and thread count. The peak is the best of 5 multiplies before the steps, 5 after them and one
-  in every round of timed steps, which in this run gave {peak_text}. Other processes slow the multiply too, so on a busy
-  machine the peak can come out low and MFU high.
+  in every round of timed steps, which in this run gave {peak_text}. Other processes slow the
+  multiply too, so on a busy machine the peak can come out low and MFU high.
 - **Data loading.** `mocov3.TwoViews` with `mocov3.pretrain_transforms` (crop scale from 0.2)
   in one process with one thread, as in a DataLoader worker: decode, two augmented views,
   normalised tensors. Collation and the transfer between processes are not included. The JPEG
@@ -996,11 +999,10 @@ def main(argv=None):
         print(f"{arch}: loss of the timm steps differs from ours by {format_ratio(parity)} "
               f"(relative); FLOP formula differs from torch's counter by {flops:.1e}", flush=True)
 
-    # the matmul peak before and after the steps, so that a busy neighbour during one
-    # measurement does not inflate MFU
+    # the matmul peak before, during (measure_group) and after the steps, so that a busy
+    # neighbour during one measurement does not inflate MFU
     dtypes = list(dict.fromkeys(c.dtype for c in configs))
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     peaks = {dtype: measure_matmul_peak(dtype, str(device)) for dtype in dtypes}
     measured = {}
     groups = {}
