@@ -103,9 +103,9 @@ def test_vit_output_is_cls_feature():
     assert features.shape == (5, 128)
 
 
-def test_last_block_on_cls_alone_equals_every_token():
-    """The last block updates only [CLS]; features and every gradient equal those of running
-    every block on every token, as timm does."""
+def test_last_block_cls_only_matches_full():
+    """The last block updates only [CLS], yet the features and every gradient equal those of
+    running every block on every token, as timm does."""
     torch.manual_seed(0)
     vit = mocov3.create_vit("vit_nano_cpu", depth=3, learnable_patch_embed=True).double()
     x = torch.randn(4, 3, 28, 28, dtype=torch.float64)
@@ -124,6 +124,7 @@ def test_last_block_on_cls_alone_equals_every_token():
         out = features(x)
         (out @ weights).sum().backward()
         results.append((out, [p.grad.clone() for p in vit.parameters()]))
+
     assert shapes == [(4, 1, 128), (4, 50, 128)]  # [CLS] alone, then all 1 + 49 tokens
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-12)
     for ours, full in zip(results[0][1], results[1][1]):
