@@ -240,9 +240,14 @@ class BatchNorm1d(nn.BatchNorm1d):
     (SyncBatchNorm). PyTorch's SyncBatchNorm rejects CPU tensors (torch 2.14), so this one is
     built from differentiable all-reduces and runs on gloo (CPU) and NCCL alike. In a single
     process it is the ordinary BatchNorm1d.
+
+    It takes (B, C), or (V, B, C) for V views of the same B images. Each view is then normalised
+    over its own B rows and updates the running statistics in turn, exactly as V separate calls.
     """
 
     def forward(self, x):
+        if x.dim() == 3:
+            return torch.stack([self.forward(view) for view in x])  # (V, B, C)
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         x32 = at_least_fp32(x)  # statistics in fp32 under autocast
@@ -342,25 +347,29 @@ class MoCo(nn.Module):
         momentum = list(self.momentum_encoder.parameters())
         torch._foreach_lerp_(momentum, base, 1.0 - m)
 
+    @staticmethod
+    def encode_views(encoder, x):
+        """Map two views stacked as (2B, 3, H, W) to the encoder's output per view, (2, B, dim).
+
+        Both views go through the backbone and the head as one batch, which runs faster than
+        one pass per view. The result is the same: every backbone layer works on each image
+        alone, and in the head, BatchNorm normalises each view over its own B images, as
+        Algorithm 1 applies f_q and f_k to x1 and x2 separately.
+        """
+        features = encoder.forward_features(x)  # (2B, D)
+        return encoder.head(features.unflatten(0, (2, -1)))  # (2, B, dim)
+
     def forward(self, x1, x2, m):
         """Return the symmetric loss ctr(q1, k2) + ctr(q2, k1) for two views (B, 3, H, W)."""
-        batch = x1.shape[0]
         x = torch.cat([x1, x2])  # (2B, 3, H, W)
-        # Both views pass each backbone as one batch (every backbone layer is per image), while
-        # the heads see each view alone, so BatchNorm statistics are per view as in Algorithm 1.
         # The keys come first. Nothing here changes the base encoder, so the loss is the same,
         # and the keys' temporary activations are freed before the queries' activations are
         # kept for backward, which lowers the step's peak memory.
         with torch.no_grad():
             self.update_momentum_encoder(m)
-            g1, g2 = self.momentum_encoder.forward_features(x).split(batch)
-            k1 = self.momentum_encoder.head(g1)  # (B, dim)
-            k2 = self.momentum_encoder.head(g2)
+            k1, k2 = self.encode_views(self.momentum_encoder, x)  # (B, dim) each
 
-        f1, f2 = self.base_encoder.forward_features(x).split(batch)
-        q1 = self.predictor(self.base_encoder.head(f1))  # (B, dim)
-        q2 = self.predictor(self.base_encoder.head(f2))
-
+        q1, q2 = self.predictor(self.encode_views(self.base_encoder, x))  # (B, dim) each
         return (contrastive_loss(q1, k2, self.temperature)
                 + contrastive_loss(q2, k1, self.temperature))
 

@@ -162,6 +162,28 @@ def test_heads_layout():
     assert isinstance(projector[2], torch.nn.ReLU)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_views_match_separate_calls(training):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 6, 5, dtype=torch.float64) * 3 + 1).requires_grad_(True)
+    together, apart = mocov3.BatchNorm1d(5).double(), mocov3.BatchNorm1d(5).double()
+    with torch.no_grad():
+        together.weight.uniform_(0.5, 2)
+        together.running_var.fill_(2)
+    apart.load_state_dict(together.state_dict())
+    together.train(training), apart.train(training)
+    y = together(x)  # (2, 6, 5): each view normalised over its own 6 rows
+    expected = torch.stack([apart(x[0]), apart(x[1])])
+    torch.testing.assert_close(y, expected)
+    weights = torch.randn(2, 6, 5, dtype=torch.float64)
+    grads = [torch.autograd.grad((out * weights).sum(), (x, bn.weight))
+             for out, bn in ((y, together), (expected, apart))]
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(together.buffers(), apart.buffers()):
+        torch.testing.assert_close(got, want)  # running statistics updated once per view
+
+
 def train_steps(moco, steps, lr=1e-2, weight_decay=0.1):
     trainable = [p for p in moco.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
@@ -299,6 +321,9 @@ def test_one_batch_backbone_matches_two_passes():
     for name, p in reference.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-12)
+    # BatchNorm's running statistics, updated once per view in both
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(dict(moco.named_buffers())[name], buffer, rtol=1e-9, atol=1e-12)
 
 
 # -------------------------------------------------------------------------------- schedules

@@ -40,20 +40,30 @@ def find_free_port():
         return probe.getsockname()[1]
 
 
+class LocalBatchNorm1d(nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d that, like mocov3.BatchNorm1d, also takes views (V, B, C) and
+    normalises each on its own, as mocov3.MoCo's heads need."""
+
+    def forward(self, x):
+        if x.dim() == 3:
+            return torch.stack([self.forward(view) for view in x])  # (V, B, C)
+        return super().forward(x)
+
+
 def with_local_batchnorm(moco):
     """Return a copy of moco whose BatchNorm layers use only this process's batch.
 
-    Every mocov3.BatchNorm1d becomes a torch.nn.BatchNorm1d with the same weights and buffers.
+    Every mocov3.BatchNorm1d becomes a LocalBatchNorm1d with the same weights and buffers.
     That is how plain BatchNorm layers behave under DistributedDataParallel.
     """
     local = copy.deepcopy(moco)
     for parent in list(local.modules()):
         for name, child in parent.named_children():
             if isinstance(child, mocov3.BatchNorm1d):
-                plain = nn.BatchNorm1d(child.num_features, eps=child.eps, momentum=child.momentum,
-                                       affine=child.affine,
-                                       track_running_stats=child.track_running_stats,
-                                       dtype=child.running_mean.dtype)
+                plain = LocalBatchNorm1d(child.num_features, eps=child.eps,
+                                         momentum=child.momentum, affine=child.affine,
+                                         track_running_stats=child.track_running_stats,
+                                         dtype=child.running_mean.dtype)
                 plain.load_state_dict(child.state_dict())
                 setattr(parent, name, plain)
     return local
