@@ -11,8 +11,9 @@ For each configuration (ViT preset, implementation, precision) this measures:
 - data loading: decoded and augmented image pairs per second in one process, which is what one
   DataLoader worker delivers.
 
-It also profiles mocov3.py's fp32 step with torch.profiler, prints one Markdown page and writes it
-to benchmarks/README.md, which records how long the last full run took and on what machine.
+It also profiles mocov3.py's step in each precision with torch.profiler, prints one Markdown
+page and writes it to benchmarks/README.md, which records how long the last full run took and on
+what machine.
 
     python benchmarks/benchmark.py            # full run: CPU presets, fp32 and bf16
     python benchmarks/benchmark.py --quick    # smoke test: smaller batches, 1 timed step
@@ -857,7 +858,7 @@ def load_average():
         return float(f.read().split()[0])
 
 
-def render_page(args, device, rows, peaks, data, profile, adamw, checks, run_info):
+def render_page(args, device, rows, peaks, data, profiles, adamw, checks, run_info):
     """Return the whole results page as Markdown."""
     command = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -903,14 +904,14 @@ def render_page(args, device, rows, peaks, data, profile, adamw, checks, run_inf
                  target_table(rows, cpu_time), ""]
     if data:
         sections += ["## Data loading", "", data_table(data, rows), ""]
-    if profile:
+    for i, profile in enumerate(profiles):
         c = profile["config"]
         sections += [f"## Where the time goes: ours, {c.arch}, {c.image_size} px, batch "
                      f"{c.batch}, {c.dtype}", "",
                      f"Phase times of one step, then torch.profiler over {c.steps} step(s): the "
                      "top ops by self CPU time. The profiler adds overhead to every op, so its "
                      "totals are higher than the phase times.", "",
-                     profile_section(profile, adamw), ""]
+                     profile_section(profile, adamw if i == 0 else None), ""]
     sections += ["## Method", "", method_section(device, peaks)]
     return "\n".join(sections)
 
@@ -1029,16 +1030,18 @@ def main(argv=None):
                                     args.data_seconds)
         print("data loading done", flush=True)
 
-    profile, adamw = None, None
+    profiles, adamw = [], None
     if not args.no_profile and device.type == "cpu":
-        profiled = dataclasses.replace(configs[0], impl="ours", dtype="fp32", steps=1)
-        profile = run_in_fresh_process(profile_step, profiled) | dict(config=profiled)
+        # ours in every precision of the run, on the first preset (vit_small by default)
+        for dtype in dtypes:
+            profiled = dataclasses.replace(configs[0], impl="ours", dtype=dtype, steps=1)
+            profiles.append(run_in_fresh_process(profile_step, profiled) | dict(config=profiled))
         adamw = run_in_fresh_process(time_adamw_variants, profiled.arch, profiled.mlp_dim,
                                      args.threads)
 
     load_averages.append(load_average())
     run_info = dict(seconds=time.perf_counter() - started, load_averages=load_averages)
-    page = render_page(args, device, rows, peaks, data, profile, adamw, checks, run_info)
+    page = render_page(args, device, rows, peaks, data, profiles, adamw, checks, run_info)
     print(page)
     if not args.no_write:
         args.output.write_text(page)
