@@ -1220,6 +1220,10 @@ def run_probe(argv):
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {world} "
                          "processes; each process takes batch / processes images")
+    if args.probe_bn and args.batch_size // world < 2:
+        raise UsageError(f"--batch-size {args.batch_size} gives {args.batch_size // world} image "
+                         f"per process; --probe-bn's BatchNorm needs at least 2, so pass at "
+                         f"least {2 * world}")
     seed = args.seed if args.random_init else None
     moco = model_from_checkpoint(checkpoint, config, args.checkpoint, device, seed)
     train_set, test_set, num_classes = build_probe_data(args)
@@ -1245,16 +1249,27 @@ def run_export(argv):
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint-epoch*.pth written by pretraining")
     parser.add_argument("--out", required=True, help="file to write, such as vit.pth")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out if it exists (never the --checkpoint itself)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.is_dir() or not out.parent.is_dir():
         raise UsageError(f"--out {out}: not a file in an existing folder; pass a path such as "
                          "runs/vit.pth whose folder exists")
+    if out.exists() and Path(args.checkpoint).exists() and out.samefile(args.checkpoint):
+        raise UsageError(f"--out {out} is the --checkpoint itself, and writing the backbone over "
+                         "it would lose the training state; pass another --out")
+    if out.exists() and not args.overwrite:
+        raise UsageError(f"--out {out} already exists; pass --overwrite to replace it, or "
+                         "another --out")
     checkpoint, config = read_checkpoint(args.checkpoint)
     moco = model_from_checkpoint(checkpoint, config, args.checkpoint, torch.device("cpu"))
     vit = moco.base_encoder
 
-    torch.save({"model": export_timm_state_dict(vit)}, out)
+    # To a temporary file first, so that a failed write leaves an earlier --out as it was.
+    temporary = out.with_name(out.name + ".tmp")
+    torch.save({"model": export_timm_state_dict(vit)}, temporary)
+    os.replace(temporary, out)
     arguments = ", ".join(f"{key}={value!r}" for key, value in timm_vit_config(vit).items())
     print(f"wrote {out}; in timm, load its 'model' entry into "
           f"timm.models.vision_transformer.VisionTransformer({arguments})")

@@ -452,6 +452,40 @@ def test_cli_export_rejects_missing_folder(tmp_path, capsys):
     assert "--out" in lines[0]
 
 
+def test_cli_export_keeps_existing_files(tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint.pth"
+    write_checkpoint(checkpoint)
+    size = checkpoint.stat().st_size
+    # --out equal to --checkpoint: rejected even with --overwrite
+    for extra in ([], ["--overwrite"]):
+        status, lines = run_main(capsys, "export", "--checkpoint", checkpoint, "--out",
+                                 checkpoint, *extra)
+        assert status == 2
+        assert lines == [f"error: --out {checkpoint} is the --checkpoint itself, and writing the "
+                         "backbone over it would lose the training state; pass another --out"]
+        assert checkpoint.stat().st_size == size
+    # another existing file: replaced only with --overwrite
+    out = tmp_path / "vit.pth"
+    out.write_text("earlier export")
+    status, lines = run_main(capsys, "export", "--checkpoint", checkpoint, "--out", out)
+    assert status == 2
+    assert "already exists; pass --overwrite" in lines[0]
+    assert out.read_text() == "earlier export"
+    assert mocov3.main(["export", "--checkpoint", str(checkpoint), "--out", str(out),
+                        "--overwrite"]) == 0
+    assert "model" in torch.load(out, weights_only=True)
+
+
+def test_cli_probe_bn_rejects_one_image_batches(tmp_path, capsys):
+    write_checkpoint(tmp_path / "checkpoint.pth")
+    status, lines = run_main(capsys, "probe", "--checkpoint", tmp_path / "checkpoint.pth",
+                             "--probe-bn", "--batch-size", "1")
+    assert status == 2
+    assert len(lines) == 1
+    assert "--batch-size 1 gives 1 image per process" in lines[0]
+    assert "pass at least 2" in lines[0]
+
+
 def test_cli_help_mentions_subcommands(capsys):
     with pytest.raises(SystemExit) as exit_info:
         mocov3.main(["--help"])
