@@ -1662,14 +1662,19 @@ def prepare_output_dir(args):
     existing = list_checkpoints(output_dir) if output_dir.is_dir() else []
     if args.resume == "auto":
         args.resume = str(existing[-1]) if existing else None
-    elif existing and not args.overwrite and (
-            args.resume is None or Path(args.resume).resolve().parent != output_dir.resolve()):
-        # Resuming from a file elsewhere into this folder would mix two runs, and the cleanup of
-        # old checkpoints could then delete the new ones.
-        raise UsageError(f"--output-dir {output_dir} already holds checkpoints of a run "
-                         f"({existing[-1].name}); pass --resume auto to continue it, "
-                         "--overwrite to start afresh, or another --output-dir")
+    if existing and not args.overwrite and not continues_folder(args.resume, existing):
+        # A new run, a file from elsewhere or an older checkpoint of this folder would write
+        # over the later checkpoints or mix two runs, and the cleanup of old checkpoints could
+        # then delete the new ones.
+        raise UsageError(f"--output-dir {output_dir} already holds checkpoints of a run, the "
+                         f"latest {existing[-1].name}; pass --resume auto to continue it, "
+                         "--overwrite to delete them first, or another --output-dir")
     return output_dir
+
+
+def continues_folder(resume, existing):
+    """Whether --resume is the latest of the folder's checkpoints `existing`."""
+    return bool(resume and existing and Path(resume).resolve() == existing[-1].resolve())
 
 
 def create_output_dir(output_dir, args):
@@ -1681,9 +1686,14 @@ def create_output_dir(output_dir, args):
     if world_info()[0] != 0:
         return
     output_dir.mkdir(parents=True, exist_ok=True)
-    if args.overwrite and args.resume is None:
-        for path in list_checkpoints(output_dir):
-            path.unlink()
+    existing = list_checkpoints(output_dir)
+    if args.overwrite and not continues_folder(args.resume, existing):
+        # The checkpoint being resumed has loaded already, but it stays until the next one is
+        # written, in case this run fails first.
+        keep = Path(args.resume).resolve() if args.resume else None
+        for path in existing:
+            if path.resolve() != keep:
+                path.unlink()
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
 
 
@@ -1750,6 +1760,25 @@ def build_model(args, device):
                 temperature=args.temperature).to(device)
 
 
+def evaluation_due(epoch, args):
+    """Whether kNN runs after `epoch` whole epochs: at the start, every --eval-every, at the end."""
+    return epoch in (0, args.epochs) or bool(args.eval_every and epoch % args.eval_every == 0)
+
+
+def evaluation_logged(output_dir, epoch):
+    """Whether metrics.jsonl in output_dir has the kNN result of `epoch`."""
+    path = Path(output_dir) / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short when a run was killed while writing it
+            continue
+        if isinstance(record, dict) and record.get("epoch") == epoch and "knn_top1" in record:
+            return True
+    return False
+
+
 def evaluate(moco, eval_sets, args, device, state, epoch):
     if eval_sets is None:
         return
@@ -1800,8 +1829,10 @@ def train(args):
     if eval_sets is None:
         state.print(f"--data {args.data} has no test split (val/ or test/ beside train/): "
                     "kNN evaluation is skipped")
-    if start_epoch == 0 and state.step == 0:
-        evaluate(moco, eval_sets, args, device, state, epoch=0)
+    # A resumed run also evaluates here when it was stopped during this epoch's evaluation.
+    if (state.step == 0 and evaluation_due(start_epoch, args)
+            and not (args.resume and evaluation_logged(output_dir, start_epoch))):
+        evaluate(moco, eval_sets, args, device, state, epoch=start_epoch)
     for epoch in range(start_epoch, args.epochs):
         two_views.epoch = epoch
         sampler.set_epoch(epoch)
@@ -1820,8 +1851,7 @@ def train(args):
                         f"written. Continue with --resume auto --output-dir {output_dir}")
             return 128 + _STOP_SIGNAL[0] if _STOP_SIGNAL else 143
         state.step = 0
-        last = epoch + 1 == args.epochs
-        if last or (args.eval_every and (epoch + 1) % args.eval_every == 0):
+        if evaluation_due(epoch + 1, args):
             evaluate(moco, eval_sets, args, device, state, epoch=epoch + 1)
     return 0
 

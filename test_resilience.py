@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,6 +116,26 @@ def test_sigterm_mid_epoch_then_resume_is_bit_exact(uninterrupted, tmp_path):
     assert losses(out) == losses(uninterrupted)  # every step once, with the same loss
 
 
+@needs_fashion_mnist
+def test_resume_runs_interrupted_evaluation(uninterrupted, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(uninterrupted, out)
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    final = json.loads(lines[-1])
+    assert final["epoch"] == 2
+    assert "knn_top1" in final
+    # As if the run had been stopped during its last evaluation, after the last checkpoint
+    metrics.write_text("".join(line + "\n" for line in lines[:-1]))
+    result = run_cli(*QUICK, "--output-dir", out, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert metrics.read_text().splitlines() == lines
+    # Nothing left to do: a second resume evaluates nothing again
+    result = run_cli(*QUICK, "--output-dir", out, "--resume", "auto")
+    assert result.returncode == 0, result.stderr
+    assert metrics.read_text().splitlines() == lines
+
+
 def test_resume_auto_starts_fresh_in_empty_folder(tmp_path):
     args = mocov3.parse_args(["--output-dir", str(tmp_path / "new"), "--resume", "auto"])
     mocov3.prepare_output_dir(args)
@@ -186,6 +207,31 @@ def test_rejects_output_dir_with_checkpoints(tmp_path):
     assert path.exists()  # nothing is deleted until the new run has loaded
     mocov3.create_output_dir(output_dir, args)
     assert not path.exists()
+
+
+def test_resume_of_older_checkpoint_needs_overwrite(tmp_path):
+    older, _ = saved_checkpoint(tmp_path, epoch=1, keep=2)
+    newer, _ = saved_checkpoint(tmp_path, epoch=2, keep=2)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 2, "knn_top1": 50.0}\n')
+    args = mocov3.parse_args(["--output-dir", str(tmp_path), "--resume", str(older)])
+    with pytest.raises(mocov3.UsageError, match="the latest checkpoint-epoch0002.pth"):
+        mocov3.prepare_output_dir(args)
+    assert newer.exists()
+    args = mocov3.parse_args(["--output-dir", str(tmp_path), "--resume", str(older),
+                              "--overwrite"])
+    output_dir = mocov3.prepare_output_dir(args)
+    mocov3.create_output_dir(output_dir, args)
+    assert mocov3.list_checkpoints(tmp_path) == [older]  # the resumed one stays
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_resume_auto_with_overwrite_keeps_log(tmp_path):
+    latest, _ = saved_checkpoint(tmp_path, epoch=1)
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 1, "knn_top1": 50.0}\n')
+    args = mocov3.parse_args(["--output-dir", str(tmp_path), "--resume", "auto", "--overwrite"])
+    mocov3.create_output_dir(mocov3.prepare_output_dir(args), args)
+    assert mocov3.list_checkpoints(tmp_path) == [latest]
+    assert (tmp_path / "metrics.jsonl").exists()
 
 
 def test_failed_overwrite_keeps_earlier_run(tmp_path):
