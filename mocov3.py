@@ -1434,6 +1434,16 @@ def load_checkpoint(path, option="--resume"):
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive
         raise UsageError(f"{option} {path}: not a readable checkpoint (not a file written by "
                          "torch.save, or a truncated one); pass a checkpoint written by mocov3.py")
+    # torch.load does not check the archive's CRC-32 sums, so changed bytes inside a tensor
+    # would load silently; testzip reads every entry and names the first that fails.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception as error:  # a damaged entry header or compressed stream
+        damaged = f"? ({type(error).__name__}: {error_summary(error)})"
+    if damaged is not None:
+        raise UsageError(f"{option} {path}: not a readable checkpoint (entry {damaged} fails "
+                         "its CRC check, so the file is damaged); pass an earlier checkpoint")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle of arbitrary objects

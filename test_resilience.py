@@ -4,9 +4,11 @@ import json
 import math
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -327,6 +329,22 @@ def test_error_checkpoint_truncated(tmp_path):
     path, _ = saved_checkpoint(tmp_path, epoch=1)
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(mocov3.UsageError, match="not a readable checkpoint"):
+        mocov3.load_checkpoint(path)
+
+
+def test_error_checkpoint_damaged_inside(tmp_path):
+    path, _ = saved_checkpoint(tmp_path, epoch=1)
+    # Invert 64 bytes in the middle of the largest tensor's data, which torch.load would read
+    # without complaint: the archive and its pickle stay intact.
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(path.read_bytes())
+    header = entry.header_offset
+    name_length, extra_length = struct.unpack("<HH", data[header + 26:header + 30])
+    middle = header + 30 + name_length + extra_length + entry.file_size // 2
+    data[middle:middle + 64] = bytes(255 - b for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+    with pytest.raises(mocov3.UsageError, match=f"entry {entry.filename} fails its CRC check"):
         mocov3.load_checkpoint(path)
 
 
