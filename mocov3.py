@@ -545,6 +545,16 @@ def eval_transform(image_size, normalization, resize_crop):
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(*normalization)])
 
 
+def leave_signals_to_main(worker_id):
+    """DataLoader worker_init_fn: ignore SIGINT and SIGTERM in the worker.
+
+    Ctrl-C on a terminal reaches every process of the group, and each worker would otherwise
+    print its own traceback. The main process handles the signal and shuts the workers down.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class TwoViews(torch.utils.data.Dataset):
     """Item i is two augmented views (x1, x2) of image i of `dataset`.
 
@@ -615,7 +625,8 @@ def extract_features(encoder, dataset, args, device):
     share = math.ceil(len(dataset) / world)
     indices = range(rank * share, min((rank + 1) * share, len(dataset)))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
-                                         batch_size=256, num_workers=args.workers)
+                                         batch_size=256, num_workers=args.workers,
+                                         worker_init_fn=leave_signals_to_main)
     features, labels = [], []
     was_training = encoder.training
     encoder.eval()
@@ -969,7 +980,8 @@ def probe_loader(train_set, args, rank, world):
                                                   shuffle=True, seed=args.seed, drop_last=True)
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size // world, sampler=sampler,
-        num_workers=args.workers, drop_last=True, pin_memory=torch.cuda.is_available())
+        num_workers=args.workers, drop_last=True, pin_memory=torch.cuda.is_available(),
+        worker_init_fn=leave_signals_to_main)
     if len(loader) == 0:
         raise UsageError(f"{len(train_set)} training images are fewer than one --batch-size "
                          f"{args.batch_size}; lower --batch-size or raise --subset")
@@ -1014,7 +1026,8 @@ def probe_top1(backbone, classifier, dataset, args, device):
     share = math.ceil(len(dataset) / world)
     indices = range(rank * share, min((rank + 1) * share, len(dataset)))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
-                                         batch_size=256, num_workers=args.workers)
+                                         batch_size=256, num_workers=args.workers,
+                                         worker_init_fn=leave_signals_to_main)
     classifier.eval()
     predictions = [torch.zeros(0, dtype=torch.long, device=device)]
     labels = [torch.zeros(0, dtype=torch.long, device=device)]
@@ -1735,7 +1748,7 @@ def build_training_data(args, splits, normalization, rank, world):
     sampler = EpochSampler(two_views, batch_per_rank, rank, world, args.seed)
     loader = torch.utils.data.DataLoader(
         two_views, batch_size=batch_per_rank, sampler=sampler, num_workers=args.workers,
-        drop_last=True, pin_memory=torch.cuda.is_available())
+        drop_last=True, pin_memory=torch.cuda.is_available(), worker_init_fn=leave_signals_to_main)
     return two_views, sampler, loader
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import shutil
 import signal
 import struct
@@ -469,6 +470,24 @@ def test_sigint_during_first_evaluation_stops_at_once(tmp_path):
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGINT
+    assert "outside training" in stderr
+
+
+@needs_fashion_mnist
+def test_ctrl_c_with_workers_prints_one_line(tmp_path):
+    # Ctrl-C on a terminal signals the whole process group: the main process and the workers.
+    process = subprocess.Popen(command("--eval-subset", 10000, "--workers", 2, "--no-progress",
+                                       "--data-root", "/nonexistent-data-root",
+                                       "--output-dir", tmp_path / "out"),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    assert process.stdout.readline().startswith("MoCo v3")  # the kNN evaluation starts now
+    time.sleep(3)  # the workers are decoding images by now
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
     assert "outside training" in stderr
 
 
