@@ -545,14 +545,14 @@ def eval_transform(image_size, normalization, resize_crop):
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(*normalization)])
 
 
-def leave_signals_to_main(worker_id):
-    """DataLoader worker_init_fn: ignore SIGINT and SIGTERM in the worker.
+def leave_ctrl_c_to_main(worker_id):
+    """DataLoader worker_init_fn: ignore SIGINT in the worker.
 
     Ctrl-C on a terminal reaches every process of the group, and each worker would otherwise
-    print its own traceback. The main process handles the signal and shuts the workers down.
+    print its own traceback. The main process handles it and shuts the workers down. SIGTERM
+    keeps its handler, because the worker must still end when the main process terminates it.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class TwoViews(torch.utils.data.Dataset):
@@ -626,7 +626,7 @@ def extract_features(encoder, dataset, args, device):
     indices = range(rank * share, min((rank + 1) * share, len(dataset)))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
                                          batch_size=256, num_workers=args.workers,
-                                         worker_init_fn=leave_signals_to_main)
+                                         worker_init_fn=leave_ctrl_c_to_main)
     features, labels = [], []
     was_training = encoder.training
     encoder.eval()
@@ -981,7 +981,7 @@ def probe_loader(train_set, args, rank, world):
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=args.batch_size // world, sampler=sampler,
         num_workers=args.workers, drop_last=True, pin_memory=torch.cuda.is_available(),
-        worker_init_fn=leave_signals_to_main)
+        worker_init_fn=leave_ctrl_c_to_main)
     if len(loader) == 0:
         raise UsageError(f"{len(train_set)} training images are fewer than one --batch-size "
                          f"{args.batch_size}; lower --batch-size or raise --subset")
@@ -1027,7 +1027,7 @@ def probe_top1(backbone, classifier, dataset, args, device):
     indices = range(rank * share, min((rank + 1) * share, len(dataset)))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
                                          batch_size=256, num_workers=args.workers,
-                                         worker_init_fn=leave_signals_to_main)
+                                         worker_init_fn=leave_ctrl_c_to_main)
     classifier.eval()
     predictions = [torch.zeros(0, dtype=torch.long, device=device)]
     labels = [torch.zeros(0, dtype=torch.long, device=device)]
@@ -1448,7 +1448,7 @@ def load_checkpoint(path, option="--resume"):
         raise UsageError(f"{option} {path}: not a readable checkpoint (not a file written by "
                          "torch.save, or a truncated one); pass a checkpoint written by mocov3.py")
     # torch.load does not check the archive's CRC-32 sums, so changed bytes inside a tensor
-    # would load silently; testzip reads every entry and names the first that fails.
+    # would load silently. testzip reads every entry and names the first that fails.
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -1554,7 +1554,8 @@ def parse_args(argv=None):
                              "(default: runs/ARCH-DATE-TIME)")
     add("--resume", help="checkpoint to continue from, or 'auto' for the latest in --output-dir")
     add("--overwrite", action="store_true",
-        help="start afresh in an --output-dir that already holds checkpoints, deleting them")
+        help="delete the checkpoints (except the one --resume names) and metrics.jsonl that "
+             "--output-dir already contains, to start afresh or from an older checkpoint")
     add("--keep-checkpoints", type=int, default=1,
         help="how many of the newest checkpoints to keep")
     add("--seed", type=int, default=0, help="seed for weights, subset, shuffling, augmentation")
@@ -1689,14 +1690,14 @@ def prepare_output_dir(args):
         # A new run, a file from elsewhere or an older checkpoint of this folder would write
         # over the later checkpoints or mix two runs, and the cleanup of old checkpoints could
         # then delete the new ones.
-        raise UsageError(f"--output-dir {output_dir} already holds checkpoints of a run, the "
-                         f"latest {existing[-1].name}; pass --resume auto to continue it, "
+        raise UsageError(f"--output-dir {output_dir} already contains checkpoints of a run, "
+                         f"the latest {existing[-1].name}; pass --resume auto to continue it, "
                          "--overwrite to delete them first, or another --output-dir")
     return output_dir
 
 
 def continues_folder(resume, existing):
-    """Whether --resume is the latest of the folder's checkpoints `existing`."""
+    """Return whether --resume is the latest of the folder's checkpoints `existing`."""
     return bool(resume and existing and Path(resume).resolve() == existing[-1].resolve())
 
 
@@ -1748,7 +1749,7 @@ def build_training_data(args, splits, normalization, rank, world):
     sampler = EpochSampler(two_views, batch_per_rank, rank, world, args.seed)
     loader = torch.utils.data.DataLoader(
         two_views, batch_size=batch_per_rank, sampler=sampler, num_workers=args.workers,
-        drop_last=True, pin_memory=torch.cuda.is_available(), worker_init_fn=leave_signals_to_main)
+        drop_last=True, pin_memory=torch.cuda.is_available(), worker_init_fn=leave_ctrl_c_to_main)
     return two_views, sampler, loader
 
 
@@ -1784,12 +1785,12 @@ def build_model(args, device):
 
 
 def evaluation_due(epoch, args):
-    """Whether kNN runs after `epoch` whole epochs: at the start, every --eval-every, at the end."""
+    """Return whether kNN runs after `epoch` epochs: at the start, each --eval-every, at the end."""
     return epoch in (0, args.epochs) or bool(args.eval_every and epoch % args.eval_every == 0)
 
 
 def evaluation_logged(output_dir, epoch):
-    """Whether metrics.jsonl in output_dir has the kNN result of `epoch`."""
+    """Return whether metrics.jsonl in output_dir has the kNN result of `epoch`."""
     path = Path(output_dir) / "metrics.jsonl"
     lines = path.read_text().splitlines() if path.is_file() else []
     for line in lines:

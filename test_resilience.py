@@ -430,7 +430,7 @@ def test_resume_from_elsewhere_into_occupied_folder(tmp_path):
     occupied.mkdir()
     kept, _ = saved_checkpoint(occupied, epoch=3)
     args = mocov3.parse_args(["--output-dir", str(occupied), "--resume", str(other)])
-    with pytest.raises(mocov3.UsageError, match="already holds checkpoints"):
+    with pytest.raises(mocov3.UsageError, match="already contains checkpoints"):
         mocov3.prepare_output_dir(args)
     assert kept.exists()
 
