@@ -614,12 +614,11 @@ def momentum(epoch, args):
 
 # ---------------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
-def extract_features(encoder, dataset, args, device):
-    """Return L2-normalised [CLS] features (N, D) and labels (N,) of a dataset, in order.
+def share_loader(dataset, args):
+    """Return a loader of this process's contiguous share of `dataset`, and the share size.
 
-    Each process encodes a contiguous share of the images and the shares are gathered, so no
-    image is counted twice and the result does not depend on the number of processes.
+    Process r takes images r * share to (r + 1) * share - 1, so gather_shares puts the results
+    back in dataset order.
     """
     rank, world = world_info()
     share = math.ceil(len(dataset) / world)
@@ -627,6 +626,17 @@ def extract_features(encoder, dataset, args, device):
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
                                          batch_size=256, num_workers=args.workers,
                                          worker_init_fn=leave_ctrl_c_to_main)
+    return loader, share
+
+
+@torch.no_grad()
+def extract_features(encoder, dataset, args, device):
+    """Return L2-normalised [CLS] features (N, D) and labels (N,) of a dataset, in order.
+
+    Each process encodes a contiguous share of the images and the shares are gathered, so no
+    image is counted twice and the result does not depend on the number of processes.
+    """
+    loader, share = share_loader(dataset, args)
     features, labels = [], []
     was_training = encoder.training
     encoder.eval()
@@ -1020,14 +1030,9 @@ def train_probe_epoch(backbone, model, loader, optimizer, epoch, args, device):
 @torch.no_grad()
 def probe_top1(backbone, classifier, dataset, args, device):
     """Compute the classifier's top-1 (%) on `dataset`, each image classified by one process."""
-    # This repeats extract_features' contiguous shares, because the classifier takes raw
-    # features and extract_features returns L2-normalised ones.
-    rank, world = world_info()
-    share = math.ceil(len(dataset) / world)
-    indices = range(rank * share, min((rank + 1) * share, len(dataset)))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
-                                         batch_size=256, num_workers=args.workers,
-                                         worker_init_fn=leave_ctrl_c_to_main)
+    # Not extract_features, because the classifier takes raw features and extract_features
+    # returns L2-normalised ones.
+    loader, share = share_loader(dataset, args)
     classifier.eval()
     predictions = [torch.zeros(0, dtype=torch.long, device=device)]
     labels = [torch.zeros(0, dtype=torch.long, device=device)]
