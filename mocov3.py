@@ -1274,12 +1274,13 @@ def run_export(argv):
     if out.is_dir() or not out.parent.is_dir():
         raise UsageError(f"--out {out}: not a file in an existing folder; pass a path such as "
                          "runs/vit.pth whose folder exists")
-    if out.exists() and Path(args.checkpoint).exists() and out.samefile(args.checkpoint):
-        raise UsageError(f"--out {out} is the --checkpoint itself, and writing the backbone over "
-                         "it would lose the training state; pass another --out")
-    if out.exists() and not args.overwrite:
-        raise UsageError(f"--out {out} already exists; pass --overwrite to replace it, or "
-                         "another --out")
+    if out.exists():
+        if Path(args.checkpoint).exists() and out.samefile(args.checkpoint):
+            raise UsageError(f"--out {out} is the --checkpoint itself, and writing the backbone "
+                             "over it would lose the training state; pass another --out")
+        if not args.overwrite:
+            raise UsageError(f"--out {out} already exists; pass --overwrite to replace it, or "
+                             "another --out")
     checkpoint, config = read_checkpoint(args.checkpoint)
     moco = model_from_checkpoint(checkpoint, config, args.checkpoint, torch.device("cpu"))
     vit = moco.base_encoder
@@ -1458,7 +1459,9 @@ def load_checkpoint(path, option="--resume"):
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
     except Exception as error:  # a damaged entry header or compressed stream
-        damaged = f"? ({type(error).__name__}: {error_summary(error)})"
+        reason = f"{type(error).__name__}: {error_summary(error)}"
+        raise UsageError(f"{option} {path}: not a readable checkpoint ({reason}); pass an "
+                         "earlier checkpoint") from None
     if damaged is not None:
         raise UsageError(f"{option} {path}: not a readable checkpoint (entry {damaged} fails "
                          "its CRC check, so the file is damaged); pass an earlier checkpoint")

@@ -476,7 +476,7 @@ def test_cli_export_keeps_existing_files(tmp_path, capsys):
     assert "model" in torch.load(out, weights_only=True)
 
 
-def test_cli_probe_bn_rejects_one_image_batches(tmp_path, capsys):
+def test_cli_probe_bn_rejects_batch_of_one(tmp_path, capsys):
     write_checkpoint(tmp_path / "checkpoint.pth")
     status, lines = run_main(capsys, "probe", "--checkpoint", tmp_path / "checkpoint.pth",
                              "--probe-bn", "--batch-size", "1")

@@ -335,8 +335,8 @@ def test_error_checkpoint_truncated(tmp_path):
 
 def test_error_checkpoint_damaged_inside(tmp_path):
     path, _ = saved_checkpoint(tmp_path, epoch=1)
-    # Invert 64 bytes in the middle of the largest tensor's data, which torch.load would read
-    # without complaint: the archive and its pickle stay intact.
+    # Invert 64 bytes in the middle of the largest tensor's data. torch.load would read them
+    # without complaint, because the archive and its pickle stay intact.
     with zipfile.ZipFile(path) as archive:
         entry = max(archive.infolist(), key=lambda info: info.file_size)
     data = bytearray(path.read_bytes())
@@ -474,7 +474,7 @@ def test_sigint_during_first_evaluation_stops_at_once(tmp_path):
 
 
 @needs_fashion_mnist
-def test_ctrl_c_with_workers_prints_one_line(tmp_path):
+def test_ctrl_c_with_workers_one_line(tmp_path):
     # Ctrl-C on a terminal signals the whole process group: the main process and the workers.
     process = subprocess.Popen(command("--eval-subset", 10000, "--workers", 2, "--no-progress",
                                        "--data-root", "/nonexistent-data-root",
